@@ -1,0 +1,100 @@
+"""Attacks as configurations of the projected-gradient loop: FGSM and PGD, L2 and Linf,
+untargeted or targeted, with restarts."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+
+from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted, Forward
+from advex.engine.optimize import StepCallback, optimize
+from advex.engine.threat import Box, make_threat_model
+
+METHODS = ("pgd", "fgsm")
+NORMS = ("L2", "Linf")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An attack's full settings. Zero / None fields take defaults in ``resolved()``."""
+
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    method: str = "pgd"
+    steps: int = 0
+    step_size: float = 0.0
+    random_start: Optional[bool] = None
+    restarts: int = 0
+    targeted: bool = False
+    seed: int = 0
+
+    def resolved(self) -> "AttackConfig":
+        """Fill defaults: PGD 10 steps of 2.5*eps/steps with a random start (Madry et al.);
+        FGSM one step of eps from x."""
+        method = self.method.lower() or "pgd"
+        if method not in METHODS:
+            raise ValueError(f"unknown attack method {self.method!r}; expected one of {METHODS}")
+        norm = {"l2": "L2", "linf": "Linf"}.get(self.norm.lower())
+        if norm is None:
+            raise ValueError(f"unknown norm {self.norm!r}; expected 'L2' or 'Linf'")
+        if not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be finite and >= 0, got {self.eps}")
+        if method == "fgsm":
+            steps = 1
+            step_size = self.step_size or self.eps
+            random_start = bool(self.random_start)
+        else:
+            steps = self.steps or 10
+            step_size = self.step_size or 2.5 * self.eps / steps
+            random_start = True if self.random_start is None else self.random_start
+        return replace(self, method=method, norm=norm, steps=steps, step_size=step_size,
+                       random_start=random_start)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttackOutput:
+    x_adv: torch.Tensor       # float32, same shape as x
+    success: torch.Tensor     # bool [N]: misclassified (untargeted) / target hit (targeted)
+    clean_pred: torch.Tensor  # int64 [N]
+    adv_pred: torch.Tensor    # int64 [N]
+    distance: torch.Tensor    # float32 [N], ||x_adv - x|| in the attack's norm
+    config: AttackConfig      # resolved settings
+
+
+@torch.no_grad()
+def predict(forward: Forward, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """argmax predictions, int64 [N]."""
+    return torch.cat([forward(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def attack(
+    forward: Forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: AttackConfig,
+    *,
+    box: Box = (0.0, 1.0),
+    early_stop: bool = False,
+    on_step: Optional[StepCallback] = None,
+) -> AttackOutput:
+    """Adversarial examples for one batch.
+
+    forward: maps float32 [N, ...] inputs in the box to logits [N, C].
+    y: int64 [N], true labels (untargeted) or target classes (targeted).
+    """
+    cfg = config.resolved()
+    threat = make_threat_model(cfg.norm, cfg.eps, box)
+    objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
+    gen = torch.Generator(device=x.device if x.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
+    res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,
+                   random_start=cfg.random_start, restarts=cfg.restarts, generator=gen,
+                   early_stop=early_stop, on_step=on_step)
+    clean_pred = predict(forward, x)
+    adv_pred = predict(forward, res.x)
+    success = adv_pred == y if cfg.targeted else adv_pred != y
+    return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg)

@@ -1,0 +1,133 @@
+"""Standard and robust accuracy of a model on a dataset, over attacks x eps.
+
+Robust accuracy at (attack, eps) = fraction of examples classified correctly *and* still
+classified correctly under the attack. Only clean-correct examples are attacked (the
+others count as non-robust already), and the attack stops early per example once it
+succeeds: both change no number, only the work done.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+from advex.engine.attacks import AttackConfig, attack, predict
+from advex.engine.data import ArrayDataset, batch_float
+from advex.engine.models import ModelWrapper
+
+
+@dataclass(frozen=True)
+class AttackSweep:
+    """One attack evaluated at every eps of ``eps`` (config.eps ignored when eps is non-empty)."""
+
+    config: AttackConfig
+    eps: tuple[float, ...] = ()
+
+    def configs(self) -> list[AttackConfig]:
+        radii = self.eps or (self.config.eps,)
+        return [replace(self.config, eps=float(e)).resolved() for e in radii]
+
+
+@dataclass
+class RobustRow:
+    config: AttackConfig
+    robust_correct: int
+    total: int
+    clean_correct: int
+    per_class: list[float]
+    wall_seconds: float
+    robust_mask: torch.Tensor  # bool [N]
+
+    @property
+    def robust_accuracy(self) -> float:
+        return self.robust_correct / self.total if self.total else 0.0
+
+    @property
+    def success_rate(self) -> float:
+        broken = self.clean_correct - self.robust_correct
+        return broken / self.clean_correct if self.clean_correct else 0.0
+
+
+@dataclass
+class WorstCaseRow:
+    norm: str
+    eps: float
+    robust_mask: torch.Tensor  # bool [N]
+
+    @property
+    def robust_correct(self) -> int:
+        return int(self.robust_mask.sum())
+
+
+@dataclass
+class EvalReport:
+    num_examples: int
+    clean_correct: int
+    per_class_accuracy: list[float]
+    per_class_count: list[int]
+    rows: list[RobustRow] = field(default_factory=list)
+    worst_case: list[WorstCaseRow] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.clean_correct / self.num_examples if self.num_examples else 0.0
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def per_class_rate(mask: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
+    counts = torch.bincount(y, minlength=num_classes).clamp_min(1)
+    hits = torch.bincount(y[mask], minlength=num_classes)
+    return (hits.float() / counts.float()).tolist()
+
+
+@torch.no_grad()
+def clean_predictions(model: ModelWrapper, data: ArrayDataset, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([predict(model.logits, x, batch_size).cpu() for x, _ in data.batches(batch_size, device)]) \
+        if len(data) else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep], *, batch_size: int = 256,
+             device: torch.device | str = "cpu", on_progress: Optional[ProgressFn] = None) -> EvalReport:
+    """Clean accuracy, then every (attack, eps) of ``sweeps`` on the clean-correct examples.
+    on_progress(done, total, stage) counts images: the clean pass, then attacked images."""
+    t_start = time.perf_counter()
+    model.eval()
+    configs = [cfg for sweep in sweeps for cfg in sweep.configs()]
+    n = len(data)
+    report_progress = on_progress or (lambda d, t, s: None)
+    report_progress(0, n, "clean")
+    pred = clean_predictions(model, data, batch_size, device)
+    correct = pred == data.y
+    n_correct = int(correct.sum())
+    report = EvalReport(n, n_correct, per_class_rate(correct, data.y, data.num_classes),
+                        torch.bincount(data.y, minlength=data.num_classes).tolist())
+    total = n + n_correct * len(configs)
+    done = n
+    report_progress(done, total, "clean")
+    idx_correct = correct.nonzero().flatten()
+    worst: dict[tuple[str, float], torch.Tensor] = {}
+    for cfg in configs:
+        t0 = time.perf_counter()
+        robust = torch.zeros(n, dtype=torch.bool)
+        stage = f"{cfg.method} {cfg.norm} eps={cfg.eps:g}"
+        for start in range(0, len(idx_correct), batch_size):
+            rows = idx_correct[start:start + batch_size]
+            x = batch_float(data.x[rows]).to(device)
+            y = data.y[rows].to(device)
+            out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True)
+            robust[rows] = ~out.success.cpu()
+            done += len(rows)
+            report_progress(done, total, stage)
+        report.rows.append(RobustRow(cfg, int(robust.sum()), n, n_correct,
+                                     per_class_rate(robust, data.y, data.num_classes),
+                                     time.perf_counter() - t0, robust))
+        key = (cfg.norm, cfg.eps)
+        worst[key] = worst[key] & robust if key in worst else robust.clone()
+    report.worst_case = [WorstCaseRow(norm, eps, mask) for (norm, eps), mask in worst.items()]
+    report.wall_seconds = time.perf_counter() - t_start
+    return report

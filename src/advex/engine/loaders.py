@@ -1,0 +1,79 @@
+"""Loading and saving models without arbitrary pickle execution.
+
+Formats: "safetensors" (weights for a zoo architecture), "torchscript" (torch.jit archive),
+"torch_export" (torch.export program, .pt2). Plain pickled checkpoints are never unpickled
+with code execution; ``load_checkpoint_weights`` uses ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from advex.engine import zoo
+from advex.engine.models import ModelInfo, ModelWrapper
+
+FORMATS = ("safetensors", "torchscript", "torch_export")
+
+
+class ModelLoadError(ValueError):
+    """The file is not a loadable model of the declared format / architecture."""
+
+
+def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device | str = "cpu") -> ModelWrapper:
+    """A ready-to-use wrapper in eval mode on ``device``; raises ModelLoadError."""
+    path = Path(path)
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
+
+            net = zoo.build(info.architecture, info.input_shape, info.num_classes, info.arch_args)
+            state = load_file(str(path), device="cpu")
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ModelLoadError(f"weights do not match architecture {info.architecture!r}: "
+                                     f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript is deprecated from torch 2.14
+                net = torch.jit.load(str(path), map_location="cpu")
+        elif fmt == "torch_export":
+            net = torch.export.load(str(path)).module()
+        else:
+            raise ModelLoadError(f"unknown model format {fmt!r}; expected one of {FORMATS}")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # any parse/shape error of an untrusted file
+        raise ModelLoadError(f"cannot load {fmt} model: {type(exc).__name__}: {exc}") from exc
+    model = ModelWrapper(net, info).to(device)
+    model.eval()
+    return model
+
+
+def check_model(model: ModelWrapper, device: torch.device | str = "cpu") -> None:
+    """Run one dummy example through the model: it must give logits [1, num_classes]."""
+    info = model.info
+    x = torch.rand((1, *info.input_shape), device=device)
+    try:
+        with torch.no_grad():
+            out = model.logits(x)
+    except Exception as exc:
+        raise ModelLoadError(f"model fails on an input of shape {[1, *info.input_shape]}: {exc}") from exc
+    if tuple(out.shape) != (1, info.num_classes):
+        raise ModelLoadError(f"model returns shape {list(out.shape)} for one example; "
+                             f"expected [1, {info.num_classes}] (num_classes)")
+
+
+def save_safetensors(net: nn.Module, path: str | Path) -> None:
+    """Weights of a zoo network, contiguous CPU tensors."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_checkpoint_weights(path: str | Path) -> dict:
+    """A plain PyTorch checkpoint's tensors, with pickle restricted to tensors and containers."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)

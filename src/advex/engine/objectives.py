@@ -1,0 +1,46 @@
+"""Objectives for the projected-gradient loop.
+
+An objective scores a batch of iterates per example; the loop *ascends* the score.
+It also says which examples have reached the goal (``success``), which the loop uses
+to keep the best iterate: reached goal first, higher score second.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Objective(ABC):
+    @abstractmethod
+    def __call__(self, out: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """out: model output for the active examples; index: their positions [M] in the
+        full batch. Returns (score float [M] to maximize, success bool [M] or None)."""
+
+
+class CrossEntropyUntargeted(Objective):
+    """Maximize CE(f(x'), y): success when argmax f(x') != y."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.y = y
+
+    def __call__(self, out, index):
+        y = self.y[index]
+        score = F.cross_entropy(out, y, reduction="none")
+        return score, out.argmax(1) != y
+
+
+class CrossEntropyTargeted(Objective):
+    """Minimize CE(f(x'), t): success when argmax f(x') == t."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+
+    def __call__(self, out, index):
+        t = self.target[index]
+        score = -F.cross_entropy(out, t, reduction="none")
+        return score, out.argmax(1) == t

@@ -1,0 +1,164 @@
+"""Standard and adversarial training (Madry et al. inner loop), deterministic on CPU
+given a seed: SGD with momentum and weight decay, step / cosine / constant schedules,
+optional random-crop + flip augmentation."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from advex.engine.attacks import AttackConfig, attack
+from advex.engine.data import ArrayDataset, batch_float
+from advex.engine.models import ModelWrapper
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    lr_step_epochs: int = 50
+    lr_gamma: float = 0.1
+    augment: bool = False
+    adversarial: Optional[AttackConfig] = None  # inner-loop attack for adversarial training
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "step" and self.lr_step_epochs < 1:
+            raise ValueError("lr_step_epochs must be >= 1 for the step schedule")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The paper's CIFAR-10 settings (PAPER.md) and a quick preset for CPU runs.
+PAPER_CIFAR = dict(epochs=150, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                   schedule="step", lr_step_epochs=50, lr_gamma=0.1, augment=True)
+PRESETS: dict[str, dict] = {
+    "cifar10_standard": PAPER_CIFAR,
+    "cifar10_l2_robust": dict(PAPER_CIFAR, adversarial=AttackConfig(
+        norm="L2", eps=0.5, steps=7, step_size=0.1, random_start=True)),
+    "quick": dict(epochs=2, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                  schedule="cosine", augment=False),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name and name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return replace(TrainConfig(**PRESETS.get(name, {})), **overrides)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    train_robust_accuracy: float  # accuracy on inner-loop adversarial examples (nan if standard)
+    lr: float
+    wall_seconds: float
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for epoch (0-based)."""
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step_epochs)
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.lr
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding 4 for 32x32, 2 for smaller) + horizontal flip. x: [N,C,H,W]."""
+    n, _, h, w = x.shape
+    pad = 4 if h >= 32 else 2
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    flip = (torch.rand(n, generator=generator) < 0.5).tolist()
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+EpochCallback = Callable[[EpochStats], None]
+BatchCallback = Callable[[int, int], None]
+
+
+def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: torch.device | str = "cpu",
+          on_epoch: Optional[EpochCallback] = None, on_batch: Optional[BatchCallback] = None) -> list[EpochStats]:
+    """Train ``model`` in place on ``data``. on_batch(done, total) after every batch."""
+    cfg.validate()
+    if cfg.augment and data.x.dim() != 4:
+        raise ValueError("augment needs image data [N,C,H,W]")
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(data)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    history: list[EpochStats] = []
+    done = 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=gen)
+        loss_sum, correct, robust_correct = 0.0, 0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            x = batch_float(data.x[idx])
+            if cfg.augment:
+                x = augment_batch(x, gen)
+            x, y = x.to(device), data.y[idx].to(device)
+            if cfg.adversarial is not None:
+                model.eval()
+                adv_cfg = replace(cfg.adversarial, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                x_in = attack(model.logits, x, y, adv_cfg, box=data.box).x_adv
+            else:
+                x_in = x
+            model.train()
+            out = model.logits(x_in)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            hits = int((out.argmax(1) == y).sum())
+            if cfg.adversarial is not None:
+                robust_correct += hits
+                with torch.no_grad():
+                    model.eval()
+                    correct += int((model.logits(x).argmax(1) == y).sum())
+            else:
+                correct += hits
+            done += 1
+            if on_batch is not None:
+                on_batch(done, total)
+        stats = EpochStats(epoch + 1, loss_sum / n, correct / n,
+                           robust_correct / n if cfg.adversarial is not None else float("nan"),
+                           lr, time.perf_counter() - t0)
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    model.eval()
+    return history

@@ -1,0 +1,110 @@
+"""The model zoo: architectures that expose ``features(x)`` (penultimate layer) and a
+linear ``head``, so that logits = head(features(x)).
+
+Inputs arrive already normalized (the wrapper in ``models.py`` does it).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class ZooNet(nn.Module):
+    """Base: subclasses define ``body`` (input -> penultimate features) and ``head``."""
+
+    body: nn.Module
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class SmallCNN(ZooNet):
+    """Two conv blocks + a hidden layer: for 28x28 (MNIST-like) or 32x32 (CIFAR-like) inputs."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 width: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        side = image_size // 4
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+
+class CifarResNet(ZooNet):
+    """ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool), from torchvision's blocks."""
+
+    def __init__(self, depth: int = 18, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        from torchvision.models import resnet
+
+        block, layers = {18: (resnet.BasicBlock, [2, 2, 2, 2]),
+                         50: (resnet.Bottleneck, [3, 4, 6, 3])}[depth]
+        net = resnet.ResNet(block, layers, num_classes=num_classes)
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        self.head = net.fc
+        net.fc = nn.Identity()
+        self.body = net  # ends with avgpool + flatten: the penultimate layer
+
+
+class MLP(ZooNet):
+    """One hidden ReLU layer on flattened inputs (synthetic distributions)."""
+
+    def __init__(self, in_features: int, num_classes: int = 2, hidden: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+
+class Linear(ZooNet):
+    """A linear classifier on flattened inputs; features are the inputs themselves."""
+
+    def __init__(self, in_features: int, num_classes: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Flatten()
+        self.head = nn.Linear(in_features, num_classes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+Builder = Callable[[tuple[int, ...], int, dict], ZooNet]
+
+ARCHITECTURES: dict[str, Builder] = {
+    "small_cnn": lambda shape, c, a: SmallCNN(shape[0], c, shape[-1], int(a.get("width", 32)),
+                                              int(a.get("hidden", 128))),
+    "resnet18": lambda shape, c, a: CifarResNet(18, shape[0], c),
+    "resnet50": lambda shape, c, a: CifarResNet(50, shape[0], c),
+    "mlp": lambda shape, c, a: MLP(_numel(shape), c, int(a.get("hidden", 64))),
+    "linear": lambda shape, c, a: Linear(_numel(shape), c),
+}
+
+
+def build(architecture: str, input_shape: tuple[int, ...], num_classes: int,
+          arch_args: dict | None = None) -> ZooNet:
+    """A freshly initialised zoo network. input_shape excludes the batch dim, e.g. (1, 28, 28)."""
+    try:
+        builder = ARCHITECTURES[architecture]
+    except KeyError:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}") from None
+    if architecture in ("small_cnn", "resnet18", "resnet50"):
+        if len(input_shape) != 3:
+            raise ValueError(f"{architecture} needs image inputs [C,H,W], got {list(input_shape)}")
+        if architecture == "small_cnn" and (input_shape[1] != input_shape[2] or input_shape[1] % 4):
+            raise ValueError(f"small_cnn needs square inputs with a side divisible by 4, got {list(input_shape)}")
+    return builder(tuple(int(s) for s in input_shape), int(num_classes), dict(arch_args or {}))

@@ -1,0 +1,132 @@
+from advex.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Norm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORM_UNSPECIFIED: _ClassVar[Norm]
+    LINF: _ClassVar[Norm]
+    L2: _ClassVar[Norm]
+NORM_UNSPECIFIED: Norm
+LINF: Norm
+L2: Norm
+
+class AttackSpec(_message.Message):
+    __slots__ = ("method", "norm", "eps", "step_size", "steps", "random_start", "restarts", "targeted", "seed")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_START_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETED_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    norm: Norm
+    eps: float
+    step_size: float
+    steps: int
+    random_start: bool
+    restarts: int
+    targeted: bool
+    seed: int
+    def __init__(self, method: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., step_size: _Optional[float] = ..., steps: _Optional[int] = ..., random_start: _Optional[bool] = ..., restarts: _Optional[int] = ..., targeted: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RobustAccuracy(_message.Message):
+    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds")
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    attack: AttackSpec
+    robust_accuracy: float
+    robust_correct: int
+    total: int
+    success_rate: float
+    per_class_robust_accuracy: _containers.RepeatedScalarFieldContainer[float]
+    wall_seconds: float
+    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+
+class WorstCase(_message.Message):
+    __slots__ = ("norm", "eps", "robust_accuracy", "robust_correct", "per_example")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    PER_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    norm: Norm
+    eps: float
+    robust_accuracy: float
+    robust_correct: int
+    per_example: _tensor_pb2.Tensor
+    def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EvaluateResult(_message.Message):
+    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_FIELD_NUMBER: _ClassVar[int]
+    WORST_CASE_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_sha256: str
+    dataset_id: str
+    split: str
+    num_examples: int
+    clean_accuracy: float
+    clean_correct: int
+    per_class_accuracy: _containers.RepeatedScalarFieldContainer[float]
+    per_class_count: _containers.RepeatedScalarFieldContainer[int]
+    robust: _containers.RepeatedCompositeFieldContainer[RobustAccuracy]
+    worst_case: _containers.RepeatedCompositeFieldContainer[WorstCase]
+    wall_seconds: float
+    device: str
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class EpochStats(_message.Message):
+    __slots__ = ("epoch", "train_loss", "train_accuracy", "train_robust_accuracy", "lr", "wall_seconds")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    train_robust_accuracy: float
+    lr: float
+    wall_seconds: float
+    def __init__(self, epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., train_robust_accuracy: _Optional[float] = ..., lr: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainResult(_message.Message):
+    __slots__ = ("model_id", "model_sha256", "history", "wall_seconds", "device")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_sha256: str
+    history: _containers.RepeatedCompositeFieldContainer[EpochStats]
+    wall_seconds: float
+    device: str
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., history: _Optional[_Iterable[_Union[EpochStats, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...

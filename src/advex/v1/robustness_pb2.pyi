@@ -1,0 +1,118 @@
+from advex.v1 import tensor_pb2 as _tensor_pb2
+from advex.v1 import resources_pb2 as _resources_pb2
+from advex.v1 import results_pb2 as _results_pb2
+from advex.v1 import operation_pb2 as _operation_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AttackRequest(_message.Message):
+    __slots__ = ("model_id", "x", "y", "attack", "domain")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    x: _tensor_pb2.Tensor
+    y: _tensor_pb2.Tensor
+    attack: _results_pb2.AttackSpec
+    domain: _resources_pb2.Domain
+    def __init__(self, model_id: _Optional[str] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., domain: _Optional[_Union[_resources_pb2.Domain, str]] = ...) -> None: ...
+
+class AttackResponse(_message.Message):
+    __slots__ = ("x_adv", "clean_pred", "adv_pred", "success", "perturbation_norm", "attack", "model_sha256")
+    X_ADV_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_PRED_FIELD_NUMBER: _ClassVar[int]
+    ADV_PRED_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_NORM_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    x_adv: _tensor_pb2.Tensor
+    clean_pred: _tensor_pb2.Tensor
+    adv_pred: _tensor_pb2.Tensor
+    success: _tensor_pb2.Tensor
+    perturbation_norm: _tensor_pb2.Tensor
+    attack: _results_pb2.AttackSpec
+    model_sha256: str
+    def __init__(self, x_adv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., clean_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., adv_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., success: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., perturbation_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+
+class AttackSweep(_message.Message):
+    __slots__ = ("attack", "eps")
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    attack: _results_pb2.AttackSpec
+    eps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., eps: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("model_id", "dataset_id", "split", "limit", "attacks", "batch_size")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ATTACKS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dataset_id: str
+    split: str
+    limit: int
+    attacks: _containers.RepeatedCompositeFieldContainer[AttackSweep]
+    batch_size: int
+    def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., attacks: _Optional[_Iterable[_Union[AttackSweep, _Mapping]]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("architecture", "dataset_id", "split", "limit", "preset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "lr_step_epochs", "lr_gamma", "augment", "adversarial", "seed", "name", "mean", "std", "arch_args")
+    class ArchArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    LR_STEP_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LR_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
+    ADVERSARIAL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    ARCH_ARGS_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    dataset_id: str
+    split: str
+    limit: int
+    preset: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    lr_step_epochs: int
+    lr_gamma: float
+    augment: bool
+    adversarial: _results_pb2.AttackSpec
+    seed: int
+    name: str
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    arch_args: _containers.ScalarMap[str, str]
+    def __init__(self, architecture: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., preset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_epochs: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., augment: _Optional[bool] = ..., adversarial: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., arch_args: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,0 +1,33 @@
+"""Shared fixtures. Real-data tests read ADVEX_DATA_ROOT (CI: ../shared/data)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA_ROOT_ENV = "ADVEX_DATA_ROOT"
+
+
+def data_roots() -> list[str]:
+    roots = [r for r in os.environ.get(DATA_ROOT_ENV, "").split(os.pathsep) if r]
+    return roots + ["/usr/share/datasets"]
+
+
+def require_builtin(name: str) -> list[str]:
+    """Data roots holding built-in dataset `name`, or skip naming the setting (never in CI)."""
+    from advex.engine.data import find_builtin
+
+    roots = data_roots()
+    if find_builtin(name, roots) is None:
+        msg = (f"built-in dataset {name!r} not found; set {DATA_ROOT_ENV} to a folder holding it "
+               f"(e.g. ../shared/data) or install Debian's dataset-fashion-mnist")
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return roots
+
+
+@pytest.fixture
+def tmp_data_dir(tmp_path: Path) -> Path:
+    return tmp_path
