@@ -53,17 +53,22 @@ def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device
 
 
 def check_model(model: ModelWrapper, device: torch.device | str = "cpu") -> None:
-    """Run one dummy example through the model: it must give logits [1, num_classes]."""
+    """Run a dummy batch of two through the model: it must give logits [2, num_classes]
+    (a batch of two also catches programs exported with a static batch size of 1)."""
     info = model.info
-    x = torch.rand((1, *info.input_shape), device=device)
+    x = torch.rand((2, *info.input_shape), device=device)
     try:
         with torch.no_grad():
             out = model.logits(x)
     except Exception as exc:
-        raise ModelLoadError(f"model fails on an input of shape {[1, *info.input_shape]}: {exc}") from exc
-    if tuple(out.shape) != (1, info.num_classes):
-        raise ModelLoadError(f"model returns shape {list(out.shape)} for one example; "
-                             f"expected [1, {info.num_classes}] (num_classes)")
+        hint = ""
+        if "Guard failed" in str(exc) or "size()[0]" in str(exc):
+            hint = (" (the batch dimension must be dynamic: export with "
+                    "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
+        raise ModelLoadError(f"model fails on an input of shape {[2, *info.input_shape]}: {exc}{hint}") from exc
+    if tuple(out.shape) != (2, info.num_classes):
+        raise ModelLoadError(f"model returns shape {list(out.shape)} for a batch of two; "
+                             f"expected [2, {info.num_classes}] (num_classes)")
 
 
 def save_safetensors(net: nn.Module, path: str | Path) -> None:

@@ -55,6 +55,14 @@ class ModelWrapper(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x)
 
+    def train(self, mode: bool = True) -> "ModelWrapper":
+        self.training = mode
+        try:
+            self.net.train(mode)
+        except NotImplementedError:  # torch.export programs keep the mode they were exported in
+            pass
+        return self
+
 
 def device_for(name: Optional[str] = None) -> torch.device:
     """'auto' / None -> cuda when available, else cpu."""

@@ -14,9 +14,7 @@ from torch import nn
 class ZooNet(nn.Module):
     """Base: subclasses define ``body`` (input -> penultimate features) and ``head``."""
 
-    body: nn.Module
-    head: nn.Module
-
+    @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 

@@ -1,0 +1,316 @@
+"""The Python SDK: one method per RPC, numpy arrays in and out, long work as Operation
+handles with ``result(timeout=None, progress=True)``."""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from advex.v1 import operation_pb2 as op_pb
+from advex.v1 import resources_pb2 as res
+from advex.v1 import results_pb2 as results
+from advex.v1 import robustness_pb2 as rpc
+from advex.v1 import robustness_pb2_grpc as rpc_grpc
+from advex.wire import from_tensor, to_tensor
+
+CHUNK = 1 << 20
+NORMS = {"l2": results.L2, "linf": results.LINF}
+FORMATS = {"safetensors": res.SAFETENSORS, "torchscript": res.TORCHSCRIPT, "torch_export": res.TORCH_EXPORT,
+           "pt2": res.TORCH_EXPORT}
+MAX_MESSAGE = 64 << 20
+
+
+class OperationError(RuntimeError):
+    """A long operation ended FAILED or CANCELLED. .code is the gRPC status name."""
+
+    def __init__(self, op: op_pb.Operation) -> None:
+        self.operation = op
+        self.code = grpc.StatusCode.UNKNOWN.name
+        for status in grpc.StatusCode:
+            if status.value[0] == op.error.code:
+                self.code = status.name
+        super().__init__(f"operation {op.id} ({op.kind}) {op_pb.Operation.State.Name(op.state)}: "
+                         f"{self.code}: {op.error.message}")
+
+
+def attack_spec(norm: str = "Linf", eps: float = 0.0, method: str = "pgd", steps: int = 0, step_size: float = 0.0,
+                random_start: Optional[bool] = None, restarts: int = 0, targeted: bool = False,
+                seed: int = 0) -> results.AttackSpec:
+    """An AttackSpec message from plain values. norm: "L2" or "Linf"."""
+    try:
+        norm_enum = NORMS[norm.lower()]
+    except KeyError:
+        raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}") from None
+    spec = results.AttackSpec(method=method, norm=norm_enum, eps=eps, steps=steps, step_size=step_size,
+                              restarts=restarts, targeted=targeted, seed=seed)
+    if random_start is not None:
+        spec.random_start = random_start
+    return spec
+
+
+@dataclass
+class AttackResult:
+    x_adv: np.ndarray              # float32, shape of x, in [0,1]
+    clean_pred: np.ndarray         # int64 [N]
+    adv_pred: np.ndarray           # int64 [N]
+    success: np.ndarray            # bool [N]
+    perturbation_norm: np.ndarray  # float32 [N]
+    attack: results.AttackSpec     # settings used, defaults filled in
+    model_sha256: str
+
+
+class Operation:
+    """A handle on a long-running server operation."""
+
+    def __init__(self, client: "Client", proto: op_pb.Operation) -> None:
+        self._client = client
+        self.proto = proto
+
+    @property
+    def id(self) -> str:
+        return self.proto.id
+
+    @property
+    def state(self) -> str:
+        return op_pb.Operation.State.Name(self.proto.state)
+
+    @property
+    def done(self) -> bool:
+        return self.proto.done
+
+    def refresh(self) -> "Operation":
+        self.proto = self._client.stub.GetOperation(op_pb.GetOperationRequest(operation_id=self.id),
+                                                    metadata=self._client.metadata)
+        return self
+
+    def cancel(self) -> "Operation":
+        self.proto = self._client.stub.CancelOperation(op_pb.CancelOperationRequest(operation_id=self.id),
+                                                       metadata=self._client.metadata)
+        return self
+
+    def watch(self) -> Iterator[op_pb.Operation]:
+        """Every progress or state change until the operation is done."""
+        for op in self._client.stub.WatchOperation(op_pb.WatchOperationRequest(operation_id=self.id),
+                                                   metadata=self._client.metadata):
+            self.proto = op
+            yield op
+
+    def result(self, timeout: Optional[float] = None, progress: bool = True):
+        """Block until done; return the result message (EvaluateResult, TrainResult, ...).
+        Raises OperationError if it failed or was cancelled, TimeoutError after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = _progress_bar(self) if progress else None
+        try:
+            while not self.done:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"operation {self.id} not done after {timeout} s (state {self.state})")
+                if bar is not None:
+                    self._watch_with_bar(bar, left)
+                else:
+                    wait = 30.0 if left is None else min(left, 30.0)
+                    self.proto = self._client.stub.WaitOperation(
+                        op_pb.WaitOperationRequest(operation_id=self.id, timeout_seconds=wait),
+                        metadata=self._client.metadata)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.proto.state != op_pb.Operation.SUCCEEDED:
+            raise OperationError(self.proto)
+        return getattr(self.proto, self.proto.WhichOneof("outcome"))
+
+    def _watch_with_bar(self, bar, timeout: Optional[float]) -> None:
+        stream = self._client.stub.WatchOperation(op_pb.WatchOperationRequest(operation_id=self.id),
+                                                  metadata=self._client.metadata, timeout=timeout)
+        try:
+            for op in stream:
+                self.proto = op
+                p = op.progress
+                if p.total:
+                    bar.total = p.total
+                    bar.unit = " " + (p.unit or "it")
+                bar.n = p.done
+                bar.set_description_str(f"{op.kind} {p.stage}".strip(), refresh=False)
+                bar.refresh()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            self.refresh()
+
+    def __repr__(self) -> str:
+        p = self.proto.progress
+        return f"<Operation {self.id} {self.proto.kind} {self.state} {p.done}/{p.total} {p.unit}>"
+
+
+def _progress_bar(op: Operation):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=op.proto.progress.total or None, desc=op.proto.kind, leave=True, dynamic_ncols=True)
+
+
+class Client:
+    """advex client. target: "host:port". token: bearer token if the server requires one.
+    tls: True for TLS with the system roots, or a bytes PEM of root certificates."""
+
+    def __init__(self, target: str = "localhost:50051", token: Optional[str] = None,
+                 tls: Union[bool, bytes] = False, timeout: float = 60.0) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = rpc_grpc.RobustnessStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.target = target
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server accepts connections."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def _call(self, method: str, request):
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+
+    # ------------------------------------------------------------------ Attack
+    def attack(self, model_id: str, x: np.ndarray, y: Sequence[int], *, norm: str = "Linf", eps: float = 8 / 255,
+               method: str = "pgd", steps: int = 0, step_size: float = 0.0, random_start: Optional[bool] = None,
+               restarts: int = 0, targeted: bool = False, seed: int = 0, domain: str = "image") -> AttackResult:
+        """Adversarial examples for a batch. x: float32 [N,C,H,W] in [0,1] or uint8; y: labels (or targets)."""
+        req = rpc.AttackRequest(model_id=model_id, x=to_tensor(np.asarray(x)),
+                                y=to_tensor(np.asarray(y, dtype=np.int64)),
+                                attack=attack_spec(norm, eps, method, steps, step_size, random_start, restarts,
+                                                   targeted, seed),
+                                domain=res.REAL if domain.lower() == "real" else res.IMAGE)
+        r = self.stub.Attack(req, metadata=self.metadata, timeout=max(self.timeout, 600.0))
+        return AttackResult(from_tensor(r.x_adv, "x_adv"), from_tensor(r.clean_pred), from_tensor(r.adv_pred),
+                            from_tensor(r.success), from_tensor(r.perturbation_norm), r.attack, r.model_sha256)
+
+    # ------------------------------------------------------------------ Evaluate / Train
+    def evaluate(self, model_id: str, dataset_id: str, *, attacks: Iterable[Mapping] = (), split: str = "",
+                 limit: int = 0, batch_size: int = 0) -> Operation:
+        """attacks: dicts like {"norm": "L2", "eps": [0.25, 0.5], "steps": 20, "method": "pgd"}."""
+        req = rpc.EvaluateRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit,
+                                  batch_size=batch_size)
+        for a in attacks:
+            a = dict(a)
+            eps = a.pop("eps", [])
+            eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
+            req.attacks.add(attack=attack_spec(**a), eps=eps_list)
+        return Operation(self, self._call("Evaluate", req))
+
+    def train(self, architecture: str, dataset_id: str, *, split: str = "", limit: int = 0, preset: str = "",
+              epochs: int = 0, batch_size: int = 0, lr: Optional[float] = None, momentum: Optional[float] = None,
+              weight_decay: Optional[float] = None, schedule: str = "", lr_step_epochs: int = 0,
+              lr_gamma: Optional[float] = None, augment: Optional[bool] = None,
+              adversarial: Optional[Mapping] = None, seed: int = 0, name: str = "",
+              mean: Sequence[float] = (), std: Sequence[float] = (),
+              arch_args: Optional[Mapping[str, str]] = None) -> Operation:
+        """adversarial: e.g. {"norm": "L2", "eps": 0.5, "steps": 7, "step_size": 0.1} for adversarial training."""
+        req = rpc.TrainRequest(architecture=architecture, dataset_id=dataset_id, split=split, limit=limit,
+                               preset=preset, epochs=epochs, batch_size=batch_size, schedule=schedule,
+                               lr_step_epochs=lr_step_epochs, seed=seed, name=name, mean=mean, std=std,
+                               arch_args={k: str(v) for k, v in (arch_args or {}).items()})
+        for field, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                             ("lr_gamma", lr_gamma), ("augment", augment)):
+            if value is not None:
+                setattr(req, field, value)
+        if adversarial is not None:
+            req.adversarial.CopyFrom(attack_spec(**adversarial))
+        return Operation(self, self._call("Train", req))
+
+    # ------------------------------------------------------------------ operations
+    def get_operation(self, operation_id: str) -> Operation:
+        return Operation(self, self._call("GetOperation", op_pb.GetOperationRequest(operation_id=operation_id)))
+
+    def list_operations(self, kind: str = "", page_size: int = 0) -> list[Operation]:
+        resp = self._call("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size))
+        return [Operation(self, op) for op in resp.operations]
+
+    def cancel_operation(self, operation_id: str) -> Operation:
+        return Operation(self, self._call("CancelOperation", op_pb.CancelOperationRequest(operation_id=operation_id)))
+
+    def wait_operation(self, operation_id: str, timeout: float = 30.0) -> Operation:
+        req = op_pb.WaitOperationRequest(operation_id=operation_id, timeout_seconds=timeout)
+        return Operation(self, self.stub.WaitOperation(req, metadata=self.metadata, timeout=timeout + self.timeout))
+
+    def watch_operation(self, operation_id: str) -> Iterator[op_pb.Operation]:
+        return Operation(self, op_pb.Operation(id=operation_id)).watch()
+
+    # ------------------------------------------------------------------ models
+    def upload_model(self, file: Union[str, Path, bytes], *, format: str, num_classes: int,
+                     input_shape: Sequence[int], architecture: str = "", name: str = "",
+                     mean: Sequence[float] = (), std: Sequence[float] = (),
+                     labels: Optional[Mapping[str, str]] = None,
+                     arch_args: Optional[Mapping[str, str]] = None) -> res.Model:
+        """format: "safetensors" (with a zoo architecture), "torchscript" or "torch_export"."""
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        spec = res.ModelSpec(name=name, format=FORMATS[format], architecture=architecture, num_classes=num_classes,
+                             input_shape=list(input_shape), mean=mean, std=std, labels=dict(labels or {}),
+                             arch_args={k: str(v) for k, v in (arch_args or {}).items()})
+        data = file if isinstance(file, bytes) else Path(file).read_bytes()
+        parts = [res.UploadModelRequest(spec=spec)] + [res.UploadModelRequest(chunk=c) for c in _chunks(data)]
+        return self.stub.UploadModel(iter(parts), metadata=self.metadata, timeout=max(self.timeout, 600.0))
+
+    def get_model(self, model_id: str) -> res.Model:
+        return self._call("GetModel", res.GetModelRequest(model_id=model_id))
+
+    def list_models(self) -> list[res.Model]:
+        return list(self._call("ListModels", res.ListModelsRequest()).models)
+
+    def delete_model(self, model_id: str) -> None:
+        self._call("DeleteModel", res.DeleteModelRequest(model_id=model_id))
+
+    # ------------------------------------------------------------------ datasets
+    def upload_dataset(self, data: Union[str, Path, bytes, tuple], *, name: str = "", split: str = "train",
+                       num_classes: int = 0, domain: str = "image",
+                       class_names: Sequence[str] = ()) -> res.Dataset:
+        """data: an .npz path/bytes with arrays x and y, or a tuple (x, y) of numpy arrays."""
+        if isinstance(data, tuple):
+            buf = io.BytesIO()
+            np.savez(buf, x=np.asarray(data[0]), y=np.asarray(data[1], dtype=np.int64))
+            payload = buf.getvalue()
+        else:
+            payload = data if isinstance(data, bytes) else Path(data).read_bytes()
+        header = res.UploadDatasetHeader(name=name, split=split, num_classes=num_classes,
+                                         domain=res.REAL if domain.lower() == "real" else res.IMAGE,
+                                         class_names=list(class_names))
+        parts = [res.UploadDatasetRequest(header=header)] + [res.UploadDatasetRequest(chunk=c) for c in _chunks(payload)]
+        return self.stub.UploadDataset(iter(parts), metadata=self.metadata, timeout=max(self.timeout, 600.0))
+
+    def get_dataset(self, dataset_id: str) -> res.Dataset:
+        return self._call("GetDataset", res.GetDatasetRequest(dataset_id=dataset_id))
+
+    def list_datasets(self) -> list[res.Dataset]:
+        return list(self._call("ListDatasets", res.ListDatasetsRequest()).datasets)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._call("DeleteDataset", res.DeleteDatasetRequest(dataset_id=dataset_id))
+
+
+def _chunks(data: bytes, size: int = CHUNK) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def worst_case_mask(result: results.EvaluateResult, norm: str, eps: float) -> np.ndarray:
+    """uint8 [N]: 1 where the example survived every attack at (norm, eps)."""
+    for wc in result.worst_case:
+        if wc.norm == NORMS[norm.lower()] and abs(wc.eps - eps) <= 1e-9 * max(1.0, eps):
+            return from_tensor(wc.per_example)
+    raise KeyError(f"no worst case at {norm} eps={eps}")

@@ -1,0 +1,145 @@
+"""Request validation and conversion between protocol messages and engine settings.
+Every error names the offending field (INVALID_ARGUMENT)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+import numpy as np
+
+from advex.engine.attacks import METHODS, AttackConfig
+from advex.engine.evaluate import AttackSweep
+from advex.engine.train import PRESETS, SCHEDULES, TrainConfig, preset
+from advex.service.config import ServerConfig
+from advex.service.errors import invalid
+from advex.v1 import resources_pb2 as res
+from advex.v1 import results_pb2 as results
+from advex.v1 import robustness_pb2 as rpc
+from advex.wire import WireError, from_tensor
+
+NORM_NAMES = {results.L2: "L2", results.LINF: "Linf"}
+NORM_ENUM = {v: k for k, v in NORM_NAMES.items()}
+
+
+def check_eps(eps: float, norm: str, field: str, dim: int, boxed: bool) -> None:
+    if not (math.isfinite(eps) and eps > 0):
+        raise invalid(field, f"must be a finite number > 0, got {eps}")
+    if boxed:
+        # Beyond these radii the ball contains the whole [0,1] box: no threat model left to test.
+        limit = 1.0 if norm == "Linf" else math.sqrt(dim)
+        if eps > limit:
+            raise invalid(field, f"{norm} eps {eps} exceeds {limit:g}, the diameter of the [0,1] box")
+
+
+def attack_config(spec: results.AttackSpec, field: str, cfg: ServerConfig, dim: int, boxed: bool,
+                  check_radius: bool = True) -> AttackConfig:
+    if spec.norm not in NORM_NAMES:
+        raise invalid(f"{field}.norm", "required: L2 or LINF")
+    norm = NORM_NAMES[spec.norm]
+    method = spec.method.lower() or "pgd"
+    if method not in METHODS:
+        raise invalid(f"{field}.method", f"unknown method {spec.method!r}; expected one of {list(METHODS)}")
+    if check_radius:
+        check_eps(spec.eps, norm, f"{field}.eps", dim, boxed)
+    if not 0 <= spec.steps <= cfg.max_steps:
+        raise invalid(f"{field}.steps", f"must be in [0, {cfg.max_steps}] (0 = default), got {spec.steps}")
+    if not 0 <= spec.restarts <= cfg.max_restarts:
+        raise invalid(f"{field}.restarts", f"must be in [0, {cfg.max_restarts}], got {spec.restarts}")
+    if not (math.isfinite(spec.step_size) and spec.step_size >= 0):
+        raise invalid(f"{field}.step_size", f"must be finite and >= 0 (0 = default), got {spec.step_size}")
+    return AttackConfig(norm=norm, eps=spec.eps, method=method, steps=spec.steps, step_size=spec.step_size,
+                        random_start=spec.random_start if spec.HasField("random_start") else None,
+                        restarts=spec.restarts, targeted=spec.targeted, seed=spec.seed)
+
+
+def attack_spec(cfg: AttackConfig) -> results.AttackSpec:
+    return results.AttackSpec(method=cfg.method, norm=NORM_ENUM[cfg.norm], eps=cfg.eps, step_size=cfg.step_size,
+                              steps=cfg.steps, random_start=bool(cfg.random_start), restarts=cfg.restarts,
+                              targeted=cfg.targeted, seed=cfg.seed)
+
+
+def sweeps(request: rpc.EvaluateRequest, cfg: ServerConfig, dim: int, boxed: bool) -> list[AttackSweep]:
+    out = []
+    for i, sweep in enumerate(request.attacks):
+        field = f"attacks[{i}]"
+        if sweep.attack.targeted:
+            raise invalid(f"{field}.attack.targeted", "Evaluate measures untargeted robust accuracy")
+        base = attack_config(sweep.attack, f"{field}.attack", cfg, dim, boxed, check_radius=not sweep.eps)
+        for j, eps in enumerate(sweep.eps):
+            check_eps(eps, base.norm, f"{field}.eps[{j}]", dim, boxed)
+        out.append(AttackSweep(base, tuple(float(e) for e in sweep.eps)))
+    return out
+
+
+def inline_batch(request: rpc.AttackRequest, model: res.Model, cfg: ServerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """x as float32 (uint8 scaled to [0,1]) and y as int64, both checked against the model."""
+    try:
+        x = from_tensor(request.x, "x")
+        y = from_tensor(request.y, "y")
+    except WireError as exc:
+        raise invalid(exc.field, str(exc).split(": ", 1)[1]) from exc
+    shape = tuple(model.spec.input_shape)
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise invalid("x", f"expected shape [N, {', '.join(map(str, shape))}] for model {model.id!r}, got {list(x.shape)}")
+    n = x.shape[0]
+    if n == 0:
+        raise invalid("x", "empty batch")
+    if n > cfg.max_batch:
+        raise invalid("x", f"batch of {n} exceeds the inline limit of {cfg.max_batch}; use Evaluate for datasets")
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    elif x.dtype != np.float32:
+        raise invalid("x", f"dtype must be float32 or uint8, got {request.x.dtype}")
+    elif not np.isfinite(x).all():
+        raise invalid("x", "contains NaN or infinite values")
+    elif request.domain == res.IMAGE and (x.min() < 0 or x.max() > 1):
+        raise invalid("x", "IMAGE-domain values must be in [0, 1] (send domain=REAL for unbounded features)")
+    if y.dtype != np.int64 or y.shape != (n,):
+        raise invalid("y", f"expected int64 [{n}], got {request.y.dtype} {list(y.shape)}")
+    if y.min() < 0 or y.max() >= model.spec.num_classes:
+        raise invalid("y", f"labels must be in [0, {model.spec.num_classes})")
+    return x, y
+
+
+def train_config(request: rpc.TrainRequest, cfg: ServerConfig, dim: int, boxed: bool) -> TrainConfig:
+    if request.preset and request.preset not in PRESETS:
+        raise invalid("preset", f"unknown preset {request.preset!r}; expected one of {sorted(PRESETS)}")
+    overrides: dict = {"seed": int(request.seed)}
+    for name in ("epochs", "batch_size", "lr_step_epochs"):
+        value = getattr(request, name)
+        if value < 0:
+            raise invalid(name, f"must be >= 0 (0 = preset/default), got {value}")
+        if value:
+            overrides[name] = int(value)
+    for name in ("lr", "momentum", "weight_decay", "lr_gamma", "augment"):
+        if request.HasField(name):
+            overrides[name] = getattr(request, name)
+    for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
+        if name in overrides and not (math.isfinite(overrides[name]) and overrides[name] >= 0):
+            raise invalid(name, f"must be finite and >= 0, got {overrides[name]}")
+    if request.schedule:
+        if request.schedule not in SCHEDULES:
+            raise invalid("schedule", f"must be one of {list(SCHEDULES)}, got {request.schedule!r}")
+        overrides["schedule"] = request.schedule
+    if request.HasField("adversarial"):
+        if request.adversarial.targeted:
+            raise invalid("adversarial.targeted", "adversarial training uses an untargeted inner loop")
+        overrides["adversarial"] = attack_config(request.adversarial, "adversarial", cfg, dim, boxed)
+    tc = preset(request.preset, **overrides)
+    if tc.epochs > 10000 or tc.batch_size > 65536:
+        raise invalid("epochs" if tc.epochs > 10000 else "batch_size", "too large")
+    try:
+        tc.validate()
+    except ValueError as exc:
+        raise invalid("lr" if "lr" in str(exc) else "epochs", str(exc)) from exc
+    return tc
+
+
+def shapes_match(model: res.Model, dataset: res.Dataset) -> None:
+    if list(model.spec.input_shape) != list(dataset.example_shape):
+        raise invalid("dataset_id", f"dataset {dataset.id!r} has examples of shape {list(dataset.example_shape)}, "
+                                    f"model {model.id!r} expects {list(model.spec.input_shape)}")
+    if dataset.num_classes > model.spec.num_classes:
+        raise invalid("dataset_id", f"dataset {dataset.id!r} has {dataset.num_classes} classes, "
+                                    f"model {model.id!r} only {model.spec.num_classes}")

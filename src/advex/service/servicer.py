@@ -1,0 +1,334 @@
+"""advex.v1.Robustness: thin handlers that validate, hand engine work to the worker pools,
+and translate results. Every handler goes through ``_guard``: auth, metrics, and the
+mapping of errors to precise gRPC statuses (a handler never kills the server)."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from typing import AsyncIterator, Optional
+
+import grpc
+import numpy as np
+import torch
+
+from advex.engine import zoo
+from advex.engine.attacks import attack
+from advex.engine.evaluate import EvalReport, evaluate
+from advex.engine.models import ModelInfo, ModelWrapper
+from advex.engine.train import train
+from advex.service import convert
+from advex.service.config import ServerConfig
+from advex.service.errors import ServiceError, invalid
+from advex.service.metrics import Metrics
+from advex.service.operations import OperationManager, OpContext
+from advex.service.registry import Registry, UploadSink, validate_model_spec
+from advex.v1 import operation_pb2 as op_pb
+from advex.v1 import resources_pb2 as res
+from advex.v1 import results_pb2 as results
+from advex.v1 import robustness_pb2 as rpc
+from advex.v1 import robustness_pb2_grpc as rpc_grpc
+from advex.wire import to_tensor
+
+log = logging.getLogger("advex.service")
+
+
+def _guard(streaming: bool = False):
+    """Auth + metrics + error mapping for unary (and client-streaming) or server-streaming handlers."""
+
+    def wrap(fn):
+        method = fn.__name__
+
+        async def fail(self, context, exc: BaseException):
+            if isinstance(exc, ServiceError):
+                code, msg = exc.code, exc.message
+            else:
+                log.exception("%s failed", method)
+                code, msg = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            self.metrics.requests.labels(method, code.name).inc()
+            await context.abort(code, msg)
+
+        if streaming:
+            @functools.wraps(fn)
+            async def stream_handler(self, request, context):
+                t0 = time.perf_counter()
+                try:
+                    self._authorize(context)
+                    async for item in fn(self, request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(self, context, exc)
+                else:
+                    self.metrics.requests.labels(method, "OK").inc()
+                finally:
+                    self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+            return stream_handler
+
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            t0 = time.perf_counter()
+            try:
+                self._authorize(context)
+                response = await fn(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(self, context, exc)
+            else:
+                self.metrics.requests.labels(method, "OK").inc()
+                return response
+            finally:
+                self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+        return handler
+
+    return wrap
+
+
+class RobustnessServicer(rpc_grpc.RobustnessServicer):
+    def __init__(self, cfg: ServerConfig, registry: Registry, ops: OperationManager, metrics: Metrics,
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.ops = ops
+        self.metrics = metrics
+        self.device = device
+
+    def _authorize(self, context) -> None:
+        if not self.cfg.token:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get("authorization") != f"Bearer {self.cfg.token}":
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+    # ------------------------------------------------------------------ Attack
+    @_guard()
+    async def Attack(self, request: rpc.AttackRequest, context) -> rpc.AttackResponse:
+        model = self.registry.get_model(request.model_id)
+        x, y = convert.inline_batch(request, model, self.cfg)
+        boxed = request.domain == res.IMAGE
+        cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(x.shape[1:])), boxed)
+
+        def work():
+            _, wrapper = self.registry.load_model(model.id)
+            xt = torch.tensor(x, device=self.device)  # copies the read-only wire buffer
+            yt = torch.tensor(y, device=self.device)
+            return attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None)
+
+        out = await self.ops.run_interactive(work)
+        self.metrics.images.labels("attack").inc(len(x))
+        return rpc.AttackResponse(
+            x_adv=to_tensor(out.x_adv.detach().cpu().numpy()), clean_pred=to_tensor(out.clean_pred.cpu().numpy()),
+            adv_pred=to_tensor(out.adv_pred.cpu().numpy()), success=to_tensor(out.success.cpu().numpy()),
+            perturbation_norm=to_tensor(out.distance.detach().cpu().numpy()), attack=convert.attack_spec(out.config),
+            model_sha256=model.sha256)
+
+    # ------------------------------------------------------------------ Evaluate
+    @_guard()
+    async def Evaluate(self, request: rpc.EvaluateRequest, context) -> op_pb.Operation:
+        model = self.registry.get_model(request.model_id)
+        dataset = self.registry.get_dataset(request.dataset_id)
+        split = self.registry.resolve_split(dataset, request.split, "test")
+        convert.shapes_match(model, dataset)
+        if request.limit < 0:
+            raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        if not 0 <= request.batch_size <= 4096:
+            raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
+        boxed = dataset.domain == res.IMAGE
+        sweeps = convert.sweeps(request, self.cfg, int(np.prod(dataset.example_shape)), boxed)
+        batch_size = request.batch_size or 256
+
+        def work(ctx: OpContext):
+            t0 = time.perf_counter()
+            _, wrapper = self.registry.load_model(model.id)
+            data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            report = evaluate(wrapper, data, sweeps, batch_size=batch_size, device=self.device,
+                              on_progress=lambda d, t, s: ctx.progress(d, t, "images", s))
+            self.metrics.images.labels("evaluate").inc(report.num_examples + sum(r.clean_correct for r in report.rows))
+            self._record_accuracy(model.id, dataset.id, report)
+            return "evaluate", self._evaluate_result(model, dataset.id, split, report, time.perf_counter() - t0)
+
+        return self.ops.submit("evaluate", request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
+
+    def _evaluate_result(self, model: res.Model, dataset_id: str, split: str, rep: EvalReport,
+                         wall: float) -> results.EvaluateResult:
+        out = results.EvaluateResult(
+            model_id=model.id, model_sha256=model.sha256, dataset_id=dataset_id, split=split,
+            num_examples=rep.num_examples, clean_accuracy=rep.clean_accuracy, clean_correct=rep.clean_correct,
+            per_class_accuracy=rep.per_class_accuracy, per_class_count=rep.per_class_count, wall_seconds=wall,
+            device=str(self.device))
+        for row in rep.rows:
+            out.robust.add(attack=convert.attack_spec(row.config), robust_accuracy=row.robust_accuracy,
+                           robust_correct=row.robust_correct, total=row.total, success_rate=row.success_rate,
+                           per_class_robust_accuracy=row.per_class, wall_seconds=row.wall_seconds)
+        for wc in rep.worst_case:
+            out.worst_case.add(norm=convert.NORM_ENUM[wc.norm], eps=wc.eps,
+                               robust_accuracy=wc.robust_correct / rep.num_examples if rep.num_examples else 0.0,
+                               robust_correct=wc.robust_correct,
+                               per_example=to_tensor(wc.robust_mask.numpy().astype(np.uint8)))
+        return out
+
+    def _record_accuracy(self, model_id: str, dataset_id: str, rep: EvalReport) -> None:
+        self.metrics.clean_accuracy.labels(model_id, dataset_id).set(rep.clean_accuracy)
+        for wc in rep.worst_case:
+            acc = wc.robust_correct / rep.num_examples if rep.num_examples else 0.0
+            self.metrics.robust_accuracy.labels(model_id, dataset_id, wc.norm, f"{wc.eps:g}").set(acc)
+
+    # ------------------------------------------------------------------ Train
+    @_guard()
+    async def Train(self, request: rpc.TrainRequest, context) -> op_pb.Operation:
+        arch = request.architecture
+        if arch not in zoo.ARCHITECTURES:
+            raise invalid("architecture", f"unknown architecture {arch!r}; expected one of {sorted(zoo.ARCHITECTURES)}")
+        dataset = self.registry.get_dataset(request.dataset_id)
+        split = self.registry.resolve_split(dataset, request.split, "train")
+        if request.limit < 0:
+            raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        boxed = dataset.domain == res.IMAGE
+        tc = convert.train_config(request, self.cfg, int(np.prod(dataset.example_shape)), boxed)
+        if tc.augment and len(dataset.example_shape) != 3:
+            raise invalid("augment", "random crop + flip needs image data [C,H,W]")
+        spec = res.ModelSpec(name=request.name, format=res.SAFETENSORS, architecture=arch,
+                             num_classes=dataset.num_classes, input_shape=dataset.example_shape,
+                             mean=request.mean, std=request.std, arch_args=request.arch_args)
+        try:  # fail fast on an architecture that cannot take these inputs
+            zoo.build(arch, tuple(dataset.example_shape), dataset.num_classes, dict(request.arch_args))
+        except ValueError as exc:
+            raise invalid("architecture", str(exc)) from exc
+        validate_model_spec(spec, "TrainRequest")
+
+        def work(ctx: OpContext):
+            t0 = time.perf_counter()
+            data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            torch.manual_seed(tc.seed)
+            net = zoo.build(arch, tuple(dataset.example_shape), dataset.num_classes, dict(request.arch_args))
+            wrapper = ModelWrapper(net, ModelInfo(arch, tuple(dataset.example_shape), dataset.num_classes,
+                                                  tuple(request.mean), tuple(request.std), dict(request.arch_args)))
+            per_epoch = math.ceil(len(data) / tc.batch_size)
+
+            def on_batch(done: int, total: int) -> None:
+                ctx.progress(done, total, "batches", f"epoch {min((done - 1) // per_epoch + 1, tc.epochs)}/{tc.epochs}")
+
+            history = train(wrapper, data, tc, self.device, on_batch=on_batch)
+            self.metrics.images.labels("train").inc(len(data) * tc.epochs)
+            lineage = {"dataset_id": dataset.id, "split": split, "limit": int(request.limit),
+                       "train_config": _jsonable(tc.to_dict()), "operation_id": ctx.operation_id}
+            record = self.registry.save_trained(wrapper.net, spec, f"train:{ctx.operation_id}", lineage)
+            result = results.TrainResult(model_id=record.id, model_sha256=record.sha256,
+                                         wall_seconds=time.perf_counter() - t0, device=str(self.device))
+            for h in history:
+                result.history.add(epoch=h.epoch, train_loss=h.train_loss, train_accuracy=h.train_accuracy,
+                                   train_robust_accuracy=h.train_robust_accuracy, lr=h.lr, wall_seconds=h.wall_seconds)
+            return "train", result
+
+        return self.ops.submit("train", request, work, frozenset({("dataset", dataset.id)}))
+
+    # ------------------------------------------------------------------ operations
+    @_guard()
+    async def GetOperation(self, request, context):
+        return self.ops.get(request.operation_id)
+
+    @_guard()
+    async def ListOperations(self, request, context):
+        if request.page_size < 0 or request.page_size > 1000:
+            raise invalid("page_size", "must be in [0, 1000]")
+        return op_pb.ListOperationsResponse(operations=self.ops.list(request.kind, request.page_size or 100))
+
+    @_guard()
+    async def CancelOperation(self, request, context):
+        return self.ops.cancel(request.operation_id)
+
+    @_guard()
+    async def WaitOperation(self, request, context):
+        if not (math.isfinite(request.timeout_seconds) and request.timeout_seconds >= 0):
+            raise invalid("timeout_seconds", "must be finite and >= 0")
+        return await self.ops.wait(request.operation_id, request.timeout_seconds)
+
+    @_guard(streaming=True)
+    async def WatchOperation(self, request, context) -> AsyncIterator[op_pb.Operation]:
+        async for op in self.ops.watch(request.operation_id):
+            yield op
+
+    # ------------------------------------------------------------------ models
+    @_guard()
+    async def UploadModel(self, request_iterator, context) -> res.Model:
+        spec: Optional[res.ModelSpec] = None
+        sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
+        try:
+            async for part in request_iterator:
+                if part.HasField("spec"):
+                    if spec is not None:
+                        raise invalid("spec", "sent twice; send it once, first")
+                    spec = part.spec
+                elif spec is None:
+                    raise invalid("spec", "the first message must carry the model spec")
+                else:
+                    sink.write(part.chunk)
+            if spec is None:
+                raise invalid("spec", "required in the first message")
+            sha = sink.finish()
+            validate_model_spec(spec)
+            return await self.ops.run_interactive(
+                lambda: self.registry.register_model(spec, sink.path, sha, sink.size, source="upload"))
+        finally:
+            sink.discard()
+
+    @_guard()
+    async def GetModel(self, request, context):
+        return self.registry.get_model(request.model_id)
+
+    @_guard()
+    async def ListModels(self, request, context):
+        return res.ListModelsResponse(models=self.registry.list_models())
+
+    @_guard()
+    async def DeleteModel(self, request, context):
+        self.registry.get_model(request.model_id)
+        self.ops.ensure_unused(("model", request.model_id))
+        self.registry.delete_model(request.model_id)
+        return res.DeleteModelResponse()
+
+    # ------------------------------------------------------------------ datasets
+    @_guard()
+    async def UploadDataset(self, request_iterator, context) -> res.Dataset:
+        header: Optional[res.UploadDatasetHeader] = None
+        sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
+        try:
+            async for part in request_iterator:
+                if part.HasField("header"):
+                    if header is not None:
+                        raise invalid("header", "sent twice; send it once, first")
+                    header = part.header
+                elif header is None:
+                    raise invalid("header", "the first message must carry the dataset header")
+                else:
+                    sink.write(part.chunk)
+            if header is None:
+                raise invalid("header", "required in the first message")
+            sha = sink.finish()
+            return await self.ops.run_interactive(
+                lambda: self.registry.register_dataset(header, sink.path, sha, sink.size))
+        finally:
+            sink.discard()
+
+    @_guard()
+    async def GetDataset(self, request, context):
+        return self.registry.get_dataset(request.dataset_id)
+
+    @_guard()
+    async def ListDatasets(self, request, context):
+        return res.ListDatasetsResponse(datasets=self.registry.list_datasets())
+
+    @_guard()
+    async def DeleteDataset(self, request, context):
+        self.registry.get_dataset(request.dataset_id)
+        self.ops.ensure_unused(("dataset", request.dataset_id))
+        self.registry.delete_dataset(request.dataset_id)
+        return res.DeleteDatasetResponse()
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
