@@ -6,7 +6,6 @@ to float32 in [0,1] only when it is used.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import math
@@ -17,6 +16,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from advex import idx
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -70,33 +71,11 @@ def batch_float(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ IDX (MNIST family)
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally .gz): uint8 images [N, H, W] or labels [N]."""
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    count = math.prod(dims)
-    if len(raw) - offset != count:
-        raise DataError(f"{path}: expected {count} bytes of data, found {len(raw) - offset}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
-def _find(folder: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"missing {stem}[.gz] in {folder}")
-
-
 def load_idx_split(folder: Path, split: str, class_names: list[str]) -> ArrayDataset:
-    prefix = "train" if split == "train" else "t10k"
-    x = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
-    y = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    try:
+        x, y = idx.read_split(folder, split)
+    except idx.IdxError as exc:
+        raise DataError(str(exc)) from exc
     return ArrayDataset(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)),
                         10, "image", class_names)
 

@@ -23,17 +23,19 @@ class ZooNet(nn.Module):
 
 
 class SmallCNN(ZooNet):
-    """Two conv blocks + a hidden layer: for 28x28 (MNIST-like) or 32x32 (CIFAR-like) inputs."""
+    """Two blocks of two 3x3 conv + BatchNorm + ReLU, then a hidden layer: for 28x28 (MNIST-like)
+    or 32x32 (CIFAR-like) inputs."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                  width: int = 32, hidden: int = 128) -> None:
         super().__init__()
         side = image_size // 4
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            *conv(in_channels, width), *conv(width, width), nn.MaxPool2d(2),
+            *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(),
         )
         self.head = nn.Linear(hidden, num_classes)

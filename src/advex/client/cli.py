@@ -1,0 +1,327 @@
+"""The `advex` command: serve | demo | attack | evaluate | train | models | datasets | ops.
+Everything but `serve` (and `demo --in-process`) talks to a server through the SDK."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from advex.client.render import table
+from advex.client.sdk import Client, Operation, OperationError
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.replace(":", ",").split(",") if v]
+
+
+def _attack_arg(text: str) -> dict:
+    """'norm=L2,eps=0.25:0.5,steps=20' -> {"norm": "L2", "eps": [0.25, 0.5], "steps": 20}."""
+    out: dict = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key == "eps":
+            out["eps"] = _floats(value)
+        elif key in ("steps", "restarts", "seed"):
+            out[key] = int(value)
+        elif key == "step_size":
+            out[key] = float(value)
+        elif key in ("norm", "method"):
+            out[key] = value
+        elif key == "random_start":
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            raise argparse.ArgumentTypeError(f"unknown attack setting {key!r}")
+    if "norm" not in out:
+        raise argparse.ArgumentTypeError("each --attack needs norm=L2 or norm=Linf")
+    return out
+
+
+def _print_json(message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+def _finish(op: Operation, wait: bool) -> int:
+    if not wait:
+        print(op.id)
+        return 0
+    try:
+        _print_json(op.result())
+    except OperationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_serve(server_args: list[str]) -> int:
+    import asyncio
+    import logging
+
+    try:
+        from advex.service import config as config_mod
+        from advex.service.server import serve
+    except ImportError as exc:
+        print(f"error: `advex serve` needs the server extra (pip install 'advex[server]'): {exc}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="advex serve", description="run the advex gRPC server")
+    config_mod.add_arguments(parser)
+    settings = parser.parse_args(server_args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config_mod.load(settings)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from advex.client import demo
+
+    settings = demo.DemoSettings(dataset=args.dataset, train_limit=args.train_limit, epochs=args.epochs,
+                                 eval_limit=args.eval_limit, steps=args.steps, out=args.out, seed=args.seed)
+    if args.in_process:
+        from advex.service.inprocess import InProcessServer
+
+        with InProcessServer(data_dir=args.data_dir) as srv, Client(srv.target) as client:
+            demo.run(client, settings)
+        return 0
+    client = _client(args)
+    try:
+        client.wait_ready(timeout=args.connect_timeout)
+    except grpc.FutureTimeoutError:
+        print(f"error: no advex server at {args.target} (start one with `advex serve`)", file=sys.stderr)
+        return 2
+    demo.run(client, settings)
+    return 0
+
+
+def cmd_attack(args) -> int:
+    with np.load(args.input, allow_pickle=False) as z:
+        x, y = z["x"], z["y"]
+    out = _client(args).attack(args.model, x, y, norm=args.norm, eps=args.eps, method=args.method, steps=args.steps,
+                               step_size=args.step_size, restarts=args.restarts, targeted=args.targeted,
+                               seed=args.seed)
+    np.savez(args.output, x_adv=out.x_adv, clean_pred=out.clean_pred, adv_pred=out.adv_pred, success=out.success,
+             perturbation_norm=out.perturbation_norm)
+    print(f"{int(out.success.sum())}/{len(out.success)} successful; wrote {args.output}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    attacks = args.attack or []
+    op = _client(args).evaluate(args.model, args.dataset, split=args.split, limit=args.limit, attacks=attacks,
+                                batch_size=args.batch_size)
+    if not args.wait:
+        print(op.id)
+        return 0
+    try:
+        result = op.result()
+    except OperationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(result)
+        return 0
+    rows = [["clean", "-", f"{result.clean_accuracy:.2%}"]]
+    for r in result.robust:
+        norm = "L2" if r.attack.norm == 2 else "Linf"
+        rows.append([f"{r.attack.method} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}"])
+    print(table(["attack", "eps", "accuracy"], rows))
+    return 0
+
+
+def cmd_train(args) -> int:
+    adversarial = None
+    if args.adv_norm:
+        adversarial = {"norm": args.adv_norm, "eps": args.adv_eps, "steps": args.adv_steps,
+                       "step_size": args.adv_step_size}
+    op = _client(args).train(args.arch, args.dataset, split=args.split, limit=args.limit, preset=args.preset,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                             weight_decay=args.weight_decay, schedule=args.schedule, augment=args.augment,
+                             adversarial=adversarial, seed=args.seed, name=args.name,
+                             mean=_floats(args.mean) if args.mean else (), std=_floats(args.std) if args.std else ())
+    return _finish(op, args.wait)
+
+
+def cmd_models(args) -> int:
+    c = _client(args)
+    if args.action == "list":
+        print(table(["id", "name", "architecture", "format", "classes", "input", "source"],
+                    [[m.id, m.spec.name, m.spec.architecture or "-", m.spec.format, m.spec.num_classes,
+                      "x".join(map(str, m.spec.input_shape)), m.source] for m in c.list_models()]))
+    elif args.action == "get":
+        _print_json(c.get_model(args.id))
+    elif args.action == "delete":
+        c.delete_model(args.id)
+        print(f"deleted {args.id}")
+    elif args.action == "upload":
+        m = c.upload_model(args.id, format=args.format, num_classes=args.num_classes,
+                           input_shape=[int(v) for v in args.input_shape.split(",")], architecture=args.arch,
+                           name=args.name, mean=_floats(args.mean) if args.mean else (),
+                           std=_floats(args.std) if args.std else ())
+        print(m.id)
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    c = _client(args)
+    if args.action == "list":
+        print(table(["id", "name", "kind", "splits", "shape", "classes"],
+                    [[d.id, d.name, d.kind, ",".join(f"{k}:{v}" for k, v in sorted(d.splits.items())),
+                      "x".join(map(str, d.example_shape)), d.num_classes] for d in c.list_datasets()]))
+    elif args.action == "get":
+        _print_json(c.get_dataset(args.id))
+    elif args.action == "delete":
+        c.delete_dataset(args.id)
+        print(f"deleted {args.id}")
+    elif args.action == "upload":
+        d = c.upload_dataset(args.id, name=args.name, split=args.split, num_classes=args.num_classes)
+        print(d.id)
+    return 0
+
+
+def cmd_ops(args) -> int:
+    c = _client(args)
+    if args.action == "list":
+        print(table(["id", "kind", "state", "progress", "stage"],
+                    [[o.id, o.proto.kind, o.state, f"{o.proto.progress.done}/{o.proto.progress.total}",
+                      o.proto.progress.stage] for o in c.list_operations(kind=args.kind)]))
+    elif args.action == "get":
+        _print_json(c.get_operation(args.id).proto)
+    elif args.action == "cancel":
+        print(c.cancel_operation(args.id).state)
+    elif args.action == "wait":
+        return _finish(c.get_operation(args.id), True)
+    elif args.action == "watch":
+        for op in c.watch_operation(args.id):
+            p = op.progress
+            print(f"{op.id} {op.State.Name(op.state)} {p.done}/{p.total} {p.unit} {p.stage}", flush=True)
+    return 0
+
+
+def _client(args) -> Client:
+    return Client(args.target, token=args.token or None)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advex", description="advex: model robustness as a gRPC service")
+    p.add_argument("--target", default=os.environ.get("ADVEX_TARGET", "localhost:50051"),
+                   help="server address (env ADVEX_TARGET)")
+    p.add_argument("--token", default=os.environ.get("ADVEX_TOKEN", ""), help="bearer token (env ADVEX_TOKEN)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server (needs advex[server]; `advex serve --help`)",
+                       add_help=False)
+    s.set_defaults(fn=None)  # dispatched in main(): its flags belong to the service
+
+    d = sub.add_parser("demo", help="train, evaluate and attack a small CNN on Fashion-MNIST through the service")
+    d.add_argument("--dataset", default="fashion-mnist")
+    d.add_argument("--train-limit", type=int, default=20000)
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--eval-limit", type=int, default=1000)
+    d.add_argument("--steps", type=int, default=10)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="demo-out", help="folder for the PNG and summary.json")
+    d.add_argument("--connect-timeout", type=float, default=60.0)
+    d.add_argument("--in-process", action="store_true", help="start a server inside this process (needs advex[server])")
+    d.add_argument("--data-dir", default="advex-data", help="with --in-process: the server's data dir")
+    d.set_defaults(fn=cmd_demo)
+
+    a = sub.add_parser("attack", help="adversarial examples for an .npz batch (arrays x, y)")
+    a.add_argument("--model", required=True)
+    a.add_argument("--input", required=True, help=".npz with x [N,C,H,W] (float32 in [0,1] or uint8) and y [N]")
+    a.add_argument("--output", default="adversarial.npz")
+    a.add_argument("--norm", default="Linf", choices=["L2", "Linf"])
+    a.add_argument("--eps", type=float, required=True)
+    a.add_argument("--method", default="pgd", choices=["pgd", "fgsm"])
+    a.add_argument("--steps", type=int, default=0)
+    a.add_argument("--step-size", type=float, default=0.0)
+    a.add_argument("--restarts", type=int, default=0)
+    a.add_argument("--targeted", action="store_true", help="y holds target classes")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(fn=cmd_attack)
+
+    e = sub.add_parser("evaluate", help="clean and robust accuracy of a model on a dataset")
+    e.add_argument("--model", required=True)
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--split", default="")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=0)
+    e.add_argument("--attack", type=_attack_arg, action="append",
+                   help="e.g. norm=L2,eps=0.25:0.5,steps=20 (repeatable)")
+    e.add_argument("--no-wait", dest="wait", action="store_false", help="print the operation id and return")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_evaluate)
+
+    t = sub.add_parser("train", help="standard or adversarial training of a zoo architecture")
+    t.add_argument("--arch", required=True, help="small_cnn, resnet18, resnet50, mlp, linear")
+    t.add_argument("--dataset", required=True)
+    t.add_argument("--split", default="")
+    t.add_argument("--limit", type=int, default=0)
+    t.add_argument("--preset", default="", help="cifar10_standard, cifar10_l2_robust, quick")
+    t.add_argument("--epochs", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=0)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--momentum", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", default="", choices=["", "step", "cosine", "constant"])
+    t.add_argument("--augment", action="store_true", default=None)
+    t.add_argument("--adv-norm", choices=["L2", "Linf"], help="adversarial training with this norm")
+    t.add_argument("--adv-eps", type=float, default=0.5)
+    t.add_argument("--adv-steps", type=int, default=7)
+    t.add_argument("--adv-step-size", type=float, default=0.0)
+    t.add_argument("--mean", default="", help="per-channel normalization, e.g. 0.49,0.48,0.45")
+    t.add_argument("--std", default="")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--name", default="")
+    t.add_argument("--no-wait", dest="wait", action="store_false")
+    t.set_defaults(fn=cmd_train)
+
+    for name, fn, extra in (("models", cmd_models, True), ("datasets", cmd_datasets, True), ("ops", cmd_ops, False)):
+        r = sub.add_parser(name, help=f"{name}: list, get, ...")
+        actions = ["list", "get", "delete", "upload"] if extra else ["list", "get", "cancel", "wait", "watch"]
+        r.add_argument("action", choices=actions)
+        r.add_argument("id", nargs="?", help="resource id (or file, for upload)")
+        if name == "models":
+            r.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "torch_export"])
+            r.add_argument("--arch", default="")
+            r.add_argument("--num-classes", type=int, default=10)
+            r.add_argument("--input-shape", default="3,32,32")
+            r.add_argument("--name", default="")
+            r.add_argument("--mean", default="")
+            r.add_argument("--std", default="")
+        if name == "datasets":
+            r.add_argument("--name", default="")
+            r.add_argument("--split", default="train")
+            r.add_argument("--num-classes", type=int, default=0)
+        if name == "ops":
+            r.add_argument("--kind", default="")
+        r.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
+    args = build_parser().parse_args(argv)
+    needs_id = getattr(args, "action", "list") not in ("list",)
+    if needs_id and not getattr(args, "id", None):
+        print(f"error: `{args.command} {args.action}` needs an id", file=sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

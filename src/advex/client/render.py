@@ -1,0 +1,64 @@
+"""Pictures and tables for people: an image grid PNG (Pillow) and plain-text tables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table with right-aligned numbers."""
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if k and _numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-3 and v else f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s.rstrip("%"))
+        return True
+    except ValueError:
+        return False
+
+
+def image_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[str]]], path: str | Path, scale: int = 3) -> Path:
+    """Write a PNG: one row per (title, images [N,C,H,W] float in [0,1], captions[N]).
+    Perturbation rows may hold values in [-1,1]; they are shown around mid-grey."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    n = max(len(r[1]) for r in rows)
+    c, h, w = rows[0][1].shape[1:]
+    cell_w, cell_h, cap_h, title_w = w * scale + 8, h * scale, 26, 110
+    canvas = Image.new("RGB", (title_w + n * cell_w, len(rows) * (cell_h + cap_h + 6) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, images, captions) in enumerate(rows):
+        top = 4 + r * (cell_h + cap_h + 6)
+        draw.text((4, top + cell_h // 2 - 6), title, fill="black", font=font)
+        for i, img in enumerate(images):
+            arr = np.clip(img, -1.0, 1.0)
+            if arr.min() < 0:
+                arr = 0.5 + 0.5 * arr  # signed perturbation around grey
+            pixels = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+            tile = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, "L" if c == 1 else "RGB")
+            tile = tile.resize((w * scale, h * scale), Image.NEAREST).convert("RGB")
+            left = title_w + i * cell_w
+            canvas.paste(tile, (left, top))
+            for k, line in enumerate(str(captions[i]).split("\n")[:2]):
+                draw.text((left, top + cell_h + 2 + 12 * k), line[:18], fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
