@@ -37,6 +37,7 @@ class LiveOp:
     op: Op
     resources: frozenset
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: Optional[asyncio.Event] = None
     started: float = 0.0
@@ -127,7 +128,7 @@ class OperationManager:
         try:
             field_name, result = work(OpContext(self, live))
         except Cancelled:
-            self._finish(live, Op.CANCELLED, error=(grpc.StatusCode.CANCELLED, "cancelled"))
+            self._finish(live, Op.CANCELLED, error=(grpc.StatusCode.CANCELLED, live.cancel_reason))
         except ServiceError as exc:
             self._finish(live, Op.FAILED, error=(exc.code, exc.message))
         except ValueError as exc:
@@ -202,10 +203,15 @@ class OperationManager:
         live = self._live.get(op_id)
         if live is None:
             return self.get(op_id)  # finished earlier (or NOT_FOUND): nothing to stop
+        self._cancel(live, "cancelled by request")
+        return live.snapshot()
+
+    def _cancel(self, live: LiveOp, reason: str) -> None:
+        """Running work stops at its next progress report; queued work never starts."""
+        live.cancel_reason = reason
         live.cancel.set()
         if live.op.state == Op.QUEUED:
-            self._finish(live, Op.CANCELLED, error=(grpc.StatusCode.CANCELLED, "cancelled before it started"))
-        return live.snapshot()
+            self._finish(live, Op.CANCELLED, error=(grpc.StatusCode.CANCELLED, reason + " (before it started)"))
 
     async def wait(self, op_id: str, timeout: float) -> Op:
         """The operation once done, or its state when `timeout` seconds have passed."""
@@ -285,9 +291,7 @@ class OperationManager:
             await asyncio.wait(pending, timeout=grace)
         for live in list(self._live.values()):
             if not live.op.done:
-                live.cancel.set()
-                if live.op.state == Op.QUEUED:
-                    self._finish(live, Op.CANCELLED, error=(grpc.StatusCode.CANCELLED, "server shut down"))
+                self._cancel(live, "server shut down")
         pending = [f for f in self._futures.values() if not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=max(grace, 5.0))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The tests: set up, check the generated protobuf code is current, run the suite.
+# Real-data tests read ADVEX_DATA_ROOT (default ../shared/data when it exists).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh server,demo,dev
+venv="${ADVEX_VENV:-.venv}"
+# torchattacks is the benchmark's peer (and a cross-check in the tests); --no-deps because its
+# declared requests pin drags in old packages. It needs only torch, scipy and tqdm.
+"$venv/bin/python" -m pip install -q -c ci/constraints.txt scipy
+"$venv/bin/python" -m pip install -q --no-deps -c ci/constraints.txt torchattacks
+
+if [ -z "${ADVEX_DATA_ROOT:-}" ] && [ -d ../shared/data ]; then
+  export ADVEX_DATA_ROOT="$(cd ../shared/data && pwd)"
+fi
+echo "==> generated protobuf code"
+"$venv/bin/python" scripts/gen_protos.py --check
+echo "==> tests (ADVEX_DATA_ROOT=${ADVEX_DATA_ROOT:-unset})"
+exec "$venv/bin/python" -m pytest -q "$@"
