@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -253,28 +253,34 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             yield op
 
     # ------------------------------------------------------------------ models
-    @_guard()
-    async def UploadModel(self, request_iterator, context) -> res.Model:
-        spec: Optional[res.ModelSpec] = None
+    async def _receive_upload(self, request_iterator, head_field: str, register):
+        """Client-streaming upload: the first message carries `head_field` (spec / header), the
+        rest are chunks into a temporary file; `register(head, path, sha256, size)` validates and
+        stores it in the interactive pool. The temporary file is gone afterwards, whatever happens."""
+        head = None
         sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
         try:
             async for part in request_iterator:
-                if part.HasField("spec"):
-                    if spec is not None:
-                        raise invalid("spec", "sent twice; send it once, first")
-                    spec = part.spec
-                elif spec is None:
-                    raise invalid("spec", "the first message must carry the model spec")
+                if part.HasField(head_field):
+                    if head is not None:
+                        raise invalid(head_field, "sent twice; send it once, first")
+                    head = getattr(part, head_field)
+                elif head is None:
+                    raise invalid(head_field, f"the first message must carry the {head_field}")
                 else:
                     sink.write(part.chunk)
-            if spec is None:
-                raise invalid("spec", "required in the first message")
+            if head is None:
+                raise invalid(head_field, "required in the first message")
             sha = sink.finish()
-            validate_model_spec(spec)
-            return await self.ops.run_interactive(
-                lambda: self.registry.register_model(spec, sink.path, sha, sink.size, source="upload"))
+            return await self.ops.run_interactive(lambda: register(head, sink.path, sha, sink.size))
         finally:
             sink.discard()
+
+    @_guard()
+    async def UploadModel(self, request_iterator, context) -> res.Model:
+        return await self._receive_upload(
+            request_iterator, "spec",
+            lambda spec, path, sha, size: self.registry.register_model(spec, path, sha, size, source="upload"))
 
     @_guard()
     async def GetModel(self, request, context):
@@ -294,25 +300,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     # ------------------------------------------------------------------ datasets
     @_guard()
     async def UploadDataset(self, request_iterator, context) -> res.Dataset:
-        header: Optional[res.UploadDatasetHeader] = None
-        sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
-        try:
-            async for part in request_iterator:
-                if part.HasField("header"):
-                    if header is not None:
-                        raise invalid("header", "sent twice; send it once, first")
-                    header = part.header
-                elif header is None:
-                    raise invalid("header", "the first message must carry the dataset header")
-                else:
-                    sink.write(part.chunk)
-            if header is None:
-                raise invalid("header", "required in the first message")
-            sha = sink.finish()
-            return await self.ops.run_interactive(
-                lambda: self.registry.register_dataset(header, sink.path, sha, sink.size))
-        finally:
-            sink.discard()
+        return await self._receive_upload(request_iterator, "header", self.registry.register_dataset)
 
     @_guard()
     async def GetDataset(self, request, context):
