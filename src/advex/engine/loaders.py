@@ -31,10 +31,8 @@ def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device
 
             net = zoo.build(info.architecture, info.input_shape, info.num_classes, info.arch_args)
             state = load_file(str(path), device="cpu")
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ModelLoadError(f"weights do not match architecture {info.architecture!r}: "
-                                     f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+            _check_state(net, state, info)
+            net.load_state_dict(state)
         elif fmt == "torchscript":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript is deprecated from torch 2.14
@@ -50,6 +48,21 @@ def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device
     model = ModelWrapper(net, info).to(device)
     model.eval()
     return model
+
+
+def _check_state(net: nn.Module, state: dict, info: ModelInfo) -> None:
+    """Keys and shapes of the file against the architecture, reported briefly."""
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"{k} missing" for k in want if k not in have]
+    problems += [f"{k} unexpected" for k in have if k not in want]
+    problems += [f"{k} is {list(have[k])} in the file, {list(want[k])} in the architecture"
+                 for k in want if k in have and have[k] != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelLoadError(f"weights do not match architecture {info.architecture!r} with input "
+                             f"{list(info.input_shape)}, {info.num_classes} classes, arch_args {info.arch_args}: "
+                             + "; ".join(problems[:3]) + more)
 
 
 def check_model(model: ModelWrapper, device: torch.device | str = "cpu") -> None:
