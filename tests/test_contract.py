@@ -54,9 +54,9 @@ def linear_weights(tmp_path, d=16) -> bytes:
 def cnn_model(client, tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("m") / "cnn.safetensors"
-    save_safetensors(SmallCNN(1, 10, 28, width=8, hidden=32), path)
+    save_safetensors(SmallCNN(1, 10, width=8), path)
     return client.upload_model(path, format="safetensors", architecture="small_cnn", num_classes=10,
-                               input_shape=[1, 28, 28], name="tiny-cnn", arch_args={"width": 8, "hidden": 32})
+                               input_shape=[1, 28, 28], name="tiny-cnn", arch_args={"width": 8})
 
 
 # ---------------------------------------------------------------- wire format

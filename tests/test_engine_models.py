@@ -47,7 +47,7 @@ def test_normalization_happens_inside_the_wrapper():
 
 def test_safetensors_round_trip_and_mismatch(tmp_path):
     torch.manual_seed(0)
-    info = ModelInfo("small_cnn", (1, 28, 28), 10, arch_args={"width": 8, "hidden": 16})
+    info = ModelInfo("small_cnn", (1, 28, 28), 10, arch_args={"width": 8})
     net = zoo.build("small_cnn", (1, 28, 28), 10, info.arch_args).eval()
     save_safetensors(net, tmp_path / "w.safetensors")
     loaded = load_model(tmp_path / "w.safetensors", "safetensors", info)

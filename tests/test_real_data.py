@@ -43,9 +43,9 @@ def test_small_cnn_on_mnist_is_accurate_and_robust_accuracy_falls_with_eps():
     data = load_builtin("mnist", "train", roots).subset(6000)
     test = load_builtin("mnist", "test", roots).subset(500)
     torch.manual_seed(0)
-    model = ModelWrapper(zoo.build("small_cnn", (1, 28, 28), 10, {"width": 16, "hidden": 64}),
+    model = ModelWrapper(zoo.build("small_cnn", (1, 28, 28), 10, {"width": 16}),
                          ModelInfo("small_cnn", (1, 28, 28), 10))
-    train(model, data, TrainConfig(epochs=1, batch_size=64, lr=0.05, schedule="constant", seed=0))
+    train(model, data, TrainConfig(epochs=2, batch_size=64, lr=0.05, schedule="cosine", seed=0))
     eps = (0.5, 1.0, 2.0, 3.0)
     rep = evaluate(model, test, [AttackSweep(AttackConfig(norm="L2", steps=10), eps=eps)], batch_size=250)
     assert rep.clean_accuracy > 0.93

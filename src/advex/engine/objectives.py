@@ -44,3 +44,15 @@ class CrossEntropyTargeted(Objective):
         t = self.target[index]
         score = -F.cross_entropy(out, t, reduction="none")
         return score, out.argmax(1) == t
+
+
+class FeatureMatching(Objective):
+    """Minimize ||g(z) - g(x)||_2 (representation inversion, Ilyas et al. §3.1): the loop's
+    forward is the model's penultimate layer g; target holds g(x) for the batch [N, F].
+    No goal to reach: the closest iterate is kept."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+
+    def __call__(self, out, index):
+        return -(out.flatten(1) - self.target[index]).norm(dim=1), None

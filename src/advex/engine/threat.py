@@ -103,6 +103,12 @@ class L2Ball(ThreatModel):
         return self.clip_box(x + delta)
 
     def step(self, x: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
+        """A step of L2 length step_size along the gradient's feasible part: components that push
+        a coordinate already on the box's boundary outward are dropped before normalizing, so the
+        clipping that follows does not eat the step (on mostly-black images it would eat most)."""
+        if self.box is not None:
+            blocked = ((x <= self.box[0]) & (grad < 0)) | ((x >= self.box[1]) & (grad > 0))
+            grad = grad.masked_fill(blocked, 0.0)
         g_norm = per_example_norm(grad, 2.0).clamp_min(_TINY)
         return x + step_size * grad / _bcast(g_norm, grad)
 

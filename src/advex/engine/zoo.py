@@ -22,23 +22,27 @@ class ZooNet(nn.Module):
         return self.head(self.body(x))
 
 
-class SmallCNN(ZooNet):
-    """Two blocks of two 3x3 conv + BatchNorm + ReLU, then a hidden layer: for 28x28 (MNIST-like)
-    or 32x32 (CIFAR-like) inputs."""
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 width: int = 32, hidden: int = 128) -> None:
+
+class SmallCNN(ZooNet):
+    """Two blocks of two 3x3 conv + BatchNorm + ReLU (the second block widened), then global
+    average pooling, for 28x28 (MNIST-like) or 32x32 (CIFAR-like) inputs. Like a ResNet, the
+    representation g is the pooled ReLU maps: a small fully connected ReLU layer there instead has
+    flat regions (g(z) = 0) where representation inversion (D_R / D_NR) stalls with zero gradient."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
-        side = image_size // 4
+
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.body = nn.Sequential(
             *conv(in_channels, width), *conv(width, width), nn.MaxPool2d(2),
             *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(),
+            *conv(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = nn.Linear(4 * width, num_classes)
 
 
 class CifarResNet(ZooNet):
@@ -59,11 +63,14 @@ class CifarResNet(ZooNet):
 
 
 class MLP(ZooNet):
-    """One hidden ReLU layer on flattened inputs (synthetic distributions)."""
+    """One hidden layer on flattened inputs (synthetic distributions); g is its pre-activation, as
+    in SmallCNN. activation: relu (default), gelu or softplus."""
 
-    def __init__(self, in_features: int, num_classes: int = 2, hidden: int = 64) -> None:
+    def __init__(self, in_features: int, num_classes: int = 2, hidden: int = 64, activation: str = "relu") -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), ACTIVATIONS[activation]())
         self.head = nn.Linear(hidden, num_classes)
 
 
@@ -86,11 +93,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 Builder = Callable[[tuple[int, ...], int, dict], ZooNet]
 
 ARCHITECTURES: dict[str, Builder] = {
-    "small_cnn": lambda shape, c, a: SmallCNN(shape[0], c, shape[-1], int(a.get("width", 32)),
-                                              int(a.get("hidden", 128))),
+    "small_cnn": lambda shape, c, a: SmallCNN(shape[0], c, int(a.get("width", 32))),
     "resnet18": lambda shape, c, a: CifarResNet(18, shape[0], c),
     "resnet50": lambda shape, c, a: CifarResNet(50, shape[0], c),
-    "mlp": lambda shape, c, a: MLP(_numel(shape), c, int(a.get("hidden", 64))),
+    "mlp": lambda shape, c, a: MLP(_numel(shape), c, int(a.get("hidden", 64)), a.get("activation", "relu")),
     "linear": lambda shape, c, a: Linear(_numel(shape), c),
 }
 
@@ -105,6 +111,6 @@ def build(architecture: str, input_shape: tuple[int, ...], num_classes: int,
     if architecture in ("small_cnn", "resnet18", "resnet50"):
         if len(input_shape) != 3:
             raise ValueError(f"{architecture} needs image inputs [C,H,W], got {list(input_shape)}")
-        if architecture == "small_cnn" and (input_shape[1] != input_shape[2] or input_shape[1] % 4):
-            raise ValueError(f"small_cnn needs square inputs with a side divisible by 4, got {list(input_shape)}")
+        if architecture == "small_cnn" and min(input_shape[1:]) < 4:
+            raise ValueError(f"small_cnn needs inputs of at least 4x4, got {list(input_shape)}")
     return builder(tuple(int(s) for s in input_shape), int(num_classes), dict(arch_args or {}))
