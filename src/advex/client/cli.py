@@ -148,6 +148,22 @@ def cmd_train(args) -> int:
     return _finish(op, args.wait)
 
 
+def cmd_robustify(args) -> int:
+    op = _client(args).robustify(args.model, args.dataset, split=args.split, limit=args.limit, steps=args.steps,
+                                 step_size=args.step_size, start=args.start, seed=args.seed, name=args.name,
+                                 batch_size=args.batch_size)
+    return _finish(op, args.wait)
+
+
+def cmd_build_nonrobust(args) -> int:
+    attack = {k: v for k, v in (("eps", args.eps), ("steps", args.attack_steps), ("step_size", args.attack_step_size),
+                                ("norm", args.norm)) if v}
+    op = _client(args).build_nonrobust_dataset(args.mode, args.model, args.dataset, split=args.split, limit=args.limit,
+                                               attack=attack or None, steps=args.steps, step_size=args.step_size,
+                                               seed=args.seed, name=args.name, batch_size=args.batch_size)
+    return _finish(op, args.wait)
+
+
 def cmd_models(args) -> int:
     c = _client(args)
     if args.action == "list":
@@ -182,6 +198,11 @@ def cmd_datasets(args) -> int:
     elif args.action == "upload":
         d = c.upload_dataset(args.id, name=args.name, split=args.split, num_classes=args.num_classes)
         print(d.id)
+    elif args.action == "download":
+        output = args.output or f"{args.id}.npz"
+        x, _ = c.download_dataset(args.id, split=args.split if args.split != "train" else "", path=output,
+                                  lossy_uint8=args.lossy_uint8)
+        print(f"wrote {output} ({len(x)} examples, {x.dtype})")
     return 0
 
 
@@ -284,9 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-wait", dest="wait", action="store_false")
     t.set_defaults(fn=cmd_train)
 
+    for name, help_text in (("robustify", "build D_R: representation inversion through a robust model"),
+                            ("build-nonrobust", "build D_NR, D_rand or D_det (Ilyas et al. 2019)")):
+        b = sub.add_parser(name, help=help_text)
+        if name == "build-nonrobust":
+            b.add_argument("--mode", required=True, choices=["d_nr", "d_rand", "d_det"])
+            b.add_argument("--norm", default="", choices=["", "L2", "Linf"], help="D_rand/D_det attack (default L2)")
+            b.add_argument("--eps", type=float, default=0.0, help="D_rand/D_det radius (default 0.5)")
+            b.add_argument("--attack-steps", type=int, default=0, help="D_rand/D_det steps (default 100)")
+            b.add_argument("--attack-step-size", type=float, default=0.0, help="D_rand/D_det step (default 0.1)")
+        b.add_argument("--model", required=True)
+        b.add_argument("--dataset", required=True)
+        b.add_argument("--split", default="")
+        b.add_argument("--limit", type=int, default=0)
+        b.add_argument("--steps", type=int, default=0, help="inversion steps (default 1000)")
+        b.add_argument("--step-size", type=float, default=0.0, help="inversion step size (default 0.1)")
+        if name == "robustify":
+            b.add_argument("--start", default="", choices=["", "image", "noise"])
+        b.add_argument("--batch-size", type=int, default=0)
+        b.add_argument("--seed", type=int, default=0)
+        b.add_argument("--name", default="")
+        b.add_argument("--no-wait", dest="wait", action="store_false")
+        b.set_defaults(fn=cmd_robustify if name == "robustify" else cmd_build_nonrobust)
+
     for name, fn, extra in (("models", cmd_models, True), ("datasets", cmd_datasets, True), ("ops", cmd_ops, False)):
         r = sub.add_parser(name, help=f"{name}: list, get, ...")
         actions = ["list", "get", "delete", "upload"] if extra else ["list", "get", "cancel", "wait", "watch"]
+        if name == "datasets":
+            actions.append("download")
         r.add_argument("action", choices=actions)
         r.add_argument("id", nargs="?", help="resource id (or file, for upload)")
         if name == "models":
@@ -301,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--name", default="")
             r.add_argument("--split", default="train")
             r.add_argument("--num-classes", type=int, default=0)
+            r.add_argument("--output", default="", help="download: file to write (default <id>.npz)")
+            r.add_argument("--lossy-uint8", action="store_true", help="download: round float32 images to uint8")
         if name == "ops":
             r.add_argument("--kind", default="")
         r.set_defaults(fn=fn)

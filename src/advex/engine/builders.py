@@ -137,8 +137,10 @@ def invert(model: ModelWrapper, x_target: torch.Tensor, x_start: torch.Tensor, c
 
 
 def build(model: ModelWrapper, data: ArrayDataset, cfg: BuildConfig, device: torch.device | str = "cpu",
-          on_batch: Optional[Callable[[int, int], None]] = None) -> Iterator[Shard]:
-    """Yield the constructed dataset shard by shard. on_batch(done_examples, total) after each batch."""
+          on_batch: Optional[Callable[[int, int], None]] = None,
+          on_step: Optional[Callable[[int, int], None]] = None) -> Iterator[Shard]:
+    """Yield the constructed dataset shard by shard. on_batch(done_examples, total) after each
+    batch; on_step(step, steps) after every optimizer step (a cancellation point)."""
     cfg.validate()
     if cfg.mode in ("d_r", "d_nr") and not model.has_features:
         raise ValueError("representation inversion needs a model that exposes its penultimate layer (features)")
@@ -155,7 +157,8 @@ def build(model: ModelWrapper, data: ArrayDataset, cfg: BuildConfig, device: tor
             x = batch_float(data.x[rows]).to(device)
             if targets is not None:
                 t = targets[rows].to(device)
-                out = attack(model.logits, x, t, replace(cfg.attack, seed=cfg.seed + b0), box=data.box)
+                out = attack(model.logits, x, t, replace(cfg.attack, seed=cfg.seed + b0), box=data.box,
+                             on_step=on_step)
                 xs.append(out.x_adv.detach().cpu())
                 ys.append(t.cpu())
                 batch_stats = {"target_hit": out.success.cpu().float(), "l2": per_example_norm(out.x_adv - x, 2.0).cpu()}
@@ -165,7 +168,7 @@ def build(model: ModelWrapper, data: ArrayDataset, cfg: BuildConfig, device: tor
                 else:
                     x0 = torch.stack([torch.rand(x.shape[1:], generator=_example_generator(cfg.seed, int(i)))
                                       for i in rows]).to(device)
-                z, batch_stats = invert(model, x, x0, cfg.inversion, data.box)
+                z, batch_stats = invert(model, x, x0, cfg.inversion, data.box, on_step=on_step)
                 xs.append(z.detach().cpu())
                 ys.append(data.y[rows])
             for k, v in batch_stats.items():

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from advex.engine.attacks import METHODS, AttackConfig
+from advex.engine.builders import PAPER_RELABEL_ATTACK, InversionConfig
 from advex.engine.evaluate import AttackSweep
 from advex.engine.train import PRESETS, SCHEDULES, TrainConfig, preset
 from advex.service.config import ServerConfig
@@ -143,3 +144,43 @@ def shapes_match(model: res.Model, dataset: res.Dataset) -> None:
     if dataset.num_classes > model.spec.num_classes:
         raise invalid("dataset_id", f"dataset {dataset.id!r} has {dataset.num_classes} classes, "
                                     f"model {model.id!r} only {model.spec.num_classes}")
+
+
+def inversion_config(spec: rpc.InversionSpec, field: str, cfg: ServerConfig, boxed: bool) -> InversionConfig:
+    """Unset fields take the paper's values: 1000 steps of 0.1 from another image, no radius."""
+    if not 0 <= spec.steps <= cfg.max_steps:
+        raise invalid(f"{field}.steps", f"must be in [0, {cfg.max_steps}] (0 = 1000), got {spec.steps}")
+    for name in ("step_size", "eps"):
+        value = getattr(spec, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise invalid(f"{field}.{name}", f"must be finite and >= 0 (0 = default), got {value}")
+    start = spec.start or "image"
+    if start not in ("image", "noise"):
+        raise invalid(f"{field}.start", f"must be 'image' or 'noise', got {spec.start!r}")
+    if start == "noise" and not boxed:
+        raise invalid(f"{field}.start", "noise starts need IMAGE-domain data (uniform noise in [0,1])")
+    return InversionConfig(steps=spec.steps or 1000, step_size=spec.step_size or 0.1, start=start,
+                           eps=spec.eps or math.inf)
+
+
+def relabel_attack(spec: results.AttackSpec, field: str, cfg: ServerConfig, dim: int, boxed: bool) -> AttackConfig:
+    """D_rand / D_det attack: unset fields take the paper's values; always targeted."""
+    paper = PAPER_RELABEL_ATTACK
+    filled = results.AttackSpec()
+    filled.CopyFrom(spec)
+    filled.norm = spec.norm or NORM_ENUM[paper.norm]
+    filled.eps = spec.eps or paper.eps
+    filled.steps = spec.steps or paper.steps
+    filled.step_size = spec.step_size or paper.step_size
+    if not spec.HasField("random_start"):
+        filled.random_start = bool(paper.random_start)
+    filled.targeted = True
+    return attack_config(filled, field, cfg, dim, boxed)
+
+
+def build_sizes(batch_size: int, shard_size: int) -> tuple[int, int]:
+    if not 0 <= batch_size <= 4096:
+        raise invalid("batch_size", f"must be in [0, 4096] (0 = 128), got {batch_size}")
+    if not 0 <= shard_size <= 1_000_000:
+        raise invalid("shard_size", f"must be in [0, 1000000] (0 = 4096), got {shard_size}")
+    return batch_size or 128, shard_size or 4096

@@ -221,9 +221,7 @@ class Registry:
             raise invalid("header.num_classes", f"labels go up to {int(arrays.y.max())}, beyond num_classes={num_classes}")
         if header.class_names and len(header.class_names) != num_classes:
             raise invalid("header.class_names", f"need {num_classes} names, got {len(header.class_names)}")
-        dataset_id = new_id("ds")
-        folder = self.datasets_dir / dataset_id
-        folder.mkdir(parents=True)
+        dataset_id, folder = self.new_dataset_folder()
         dest = folder / f"{split}.npz"
         shutil.move(str(file), dest)
         domain = res.REAL if arrays.domain == "real" else res.IMAGE
@@ -231,8 +229,29 @@ class Registry:
                              example_shape=list(arrays.example_shape), num_classes=num_classes, domain=domain,
                              dtype=str(arrays.x.dtype).replace("torch.", ""), sha256=sha256, size_bytes=size,
                              create_time=now(), class_names=list(header.class_names))
-        self.store.put_resource("datasets", dataset_id, str(dest), record)
+        return self.record_dataset(record, dest)
+
+    def new_dataset_folder(self) -> tuple[str, Path]:
+        dataset_id = new_id("ds")
+        folder = self.datasets_dir / dataset_id
+        folder.mkdir(parents=True)
+        return dataset_id, folder
+
+    def record_dataset(self, record: res.Dataset, path: Path) -> res.Dataset:
+        if not record.name:
+            record.name = record.id
+        if not record.HasField("create_time"):
+            record.create_time.CopyFrom(now())
+        self.store.put_resource("datasets", record.id, str(path), record)
         return record
+
+    def dataset_file(self, dataset_id: str, split: str) -> Path:
+        """The stored .npz of an uploaded or generated dataset's split."""
+        record = self.get_dataset(dataset_id)
+        if record.kind == "builtin":
+            raise precondition(f"dataset {dataset_id!r} is built in: it is read from its source files, "
+                               "not stored as an .npz")
+        return Path(self.store.get_resource("datasets", dataset_id, res.Dataset)[1])
 
     def get_dataset(self, dataset_id: str, field: str = "dataset_id") -> res.Dataset:
         if not dataset_id:

@@ -4,9 +4,11 @@ mapping of errors to precise gRPC statuses (a handler never kills the server).""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from typing import AsyncIterator
 
@@ -16,12 +18,14 @@ import torch
 
 from advex.engine import zoo
 from advex.engine.attacks import attack
+from advex.engine.builders import BuildConfig, build, summarize
 from advex.engine.evaluate import EvalReport, evaluate
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.train import train
 from advex.service import convert
+from advex.service.artifacts import CHUNK, NpzShardWriter, lossy_uint8_npz
 from advex.service.config import ServerConfig
-from advex.service.errors import ServiceError, invalid
+from advex.service.errors import ServiceError, invalid, precondition
 from advex.service.metrics import Metrics
 from advex.service.operations import OperationManager, OpContext
 from advex.service.registry import Registry, UploadSink, validate_model_spec
@@ -226,6 +230,95 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
         return self.ops.submit("train", request, work, frozenset({("dataset", dataset.id)}))
 
+    # ------------------------------------------------------------------ the paper's datasets
+    @_guard()
+    async def Robustify(self, request: rpc.RobustifyRequest, context) -> op_pb.Operation:
+        model, dataset, split = self._build_inputs(request)
+        if not model.has_features:
+            raise precondition(f"model {model.id!r} exposes no penultimate layer (features), which "
+                               "representation inversion needs")
+        inversion = convert.inversion_config(request.inversion, "inversion", self.cfg, dataset.domain == res.IMAGE)
+        batch, shard = convert.build_sizes(request.batch_size, request.shard_size)
+        cfg = BuildConfig("d_r", inversion=inversion, seed=int(request.seed), batch_size=batch, shard_size=shard)
+        return self._submit_build("robustify", request, cfg, model, dataset, split)
+
+    @_guard()
+    async def BuildNonRobustDataset(self, request: rpc.BuildNonRobustDatasetRequest, context) -> op_pb.Operation:
+        modes = {rpc.BuildNonRobustDatasetRequest.D_NR: "d_nr", rpc.BuildNonRobustDatasetRequest.D_RAND: "d_rand",
+                 rpc.BuildNonRobustDatasetRequest.D_DET: "d_det"}
+        if request.mode not in modes:
+            raise invalid("mode", "required: D_NR, D_RAND or D_DET")
+        mode = modes[request.mode]
+        model, dataset, split = self._build_inputs(request)
+        boxed = dataset.domain == res.IMAGE
+        batch, shard = convert.build_sizes(request.batch_size, request.shard_size)
+        if mode == "d_nr":
+            if not model.has_features:
+                raise precondition(f"model {model.id!r} exposes no penultimate layer (features), which D_NR needs")
+            cfg = BuildConfig(mode, inversion=convert.inversion_config(request.inversion, "inversion", self.cfg, boxed),
+                              seed=int(request.seed), batch_size=batch, shard_size=shard)
+        else:
+            attack_cfg = convert.relabel_attack(request.attack, "attack", self.cfg,
+                                                int(np.prod(dataset.example_shape)), boxed)
+            cfg = BuildConfig(mode, attack=attack_cfg, seed=int(request.seed), batch_size=batch, shard_size=shard)
+        return self._submit_build("build_nonrobust", request, cfg, model, dataset, split)
+
+    def _build_inputs(self, request) -> tuple[res.Model, res.Dataset, str]:
+        model = self.registry.get_model(request.model_id)
+        dataset = self.registry.get_dataset(request.dataset_id)
+        split = self.registry.resolve_split(dataset, request.split, "train")
+        convert.shapes_match(model, dataset)
+        if request.limit < 0:
+            raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        n = min(request.limit or dataset.splits[split], dataset.splits[split])
+        if n < 2:
+            raise invalid("limit", "a dataset build needs at least 2 examples")
+        return model, dataset, split
+
+    def _submit_build(self, kind: str, request, cfg: BuildConfig, model: res.Model, dataset: res.Dataset,
+                      split: str) -> op_pb.Operation:
+        """Build shard by shard into a new generated dataset; on failure or cancellation nothing is left."""
+        stage = {"d_r": "D_R", "d_nr": "D_NR", "d_rand": "D_rand", "d_det": "D_det"}[cfg.mode]
+
+        def work(ctx: OpContext):
+            t0 = time.perf_counter()
+            _, wrapper = self.registry.load_model(model.id)
+            data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            dataset_id, folder = self.registry.new_dataset_folder()
+            try:
+                writer = NpzShardWriter(folder / "building", len(data), data.example_shape)
+                stats: dict[str, list] = {}
+                shards = build(wrapper, data, cfg, self.device,
+                               on_batch=lambda done, total: ctx.progress(done, total, "images", stage),
+                               on_step=lambda step, steps: ctx.check_cancelled())
+                for piece in shards:
+                    writer.write(piece.start, piece.x.numpy(), piece.y.numpy())
+                    for k, v in piece.stats.items():
+                        stats.setdefault(k, []).append(v)
+                dest = folder / f"{split}.npz"
+                sha, size = writer.finish(dest)
+                diag = summarize(cfg.mode, {k: torch.cat(v) for k, v in stats.items()})
+                lineage = {"source_dataset_id": dataset.id, "split": split, "limit": int(request.limit),
+                           "model_id": model.id, "model_sha256": model.sha256, "mode": cfg.mode,
+                           "params": _jsonable(cfg.to_dict()), "seed": cfg.seed, "operation_id": ctx.operation_id}
+                name = request.name or f"{stage} of {dataset.id} via {model.id}"
+                record = res.Dataset(id=dataset_id, name=name, kind="generated", splits={split: len(data)},
+                                     example_shape=list(dataset.example_shape), num_classes=dataset.num_classes,
+                                     domain=dataset.domain, dtype="float32", sha256=sha, size_bytes=size,
+                                     class_names=list(dataset.class_names),
+                                     lineage_json=json.dumps(lineage, sort_keys=True))
+                self.registry.record_dataset(record, dest)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            self.metrics.images.labels(kind).inc(len(data))
+            result = results.DatasetBuildResult(dataset_id=dataset_id, mode=stage, num_examples=len(data),
+                                                wall_seconds=time.perf_counter() - t0, device=str(self.device),
+                                                **diag)
+            return "dataset_build", result
+
+        return self.ops.submit(kind, request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
+
     # ------------------------------------------------------------------ operations
     @_guard()
     async def GetOperation(self, request, context):
@@ -309,6 +402,28 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     @_guard()
     async def ListDatasets(self, request, context):
         return res.ListDatasetsResponse(datasets=self.registry.list_datasets())
+
+    @_guard(streaming=True)
+    async def DownloadDataset(self, request, context) -> AsyncIterator[rpc.DownloadDatasetResponse]:
+        record = self.registry.get_dataset(request.dataset_id)
+        split = self.registry.resolve_split(record, request.split, "train")
+        path = self.registry.dataset_file(record.id, split)
+        if request.lossy_uint8:
+            payload = await self.ops.run_interactive(lambda: lossy_uint8_npz(path))
+            info = rpc.DownloadDatasetResponse.Info(dataset_id=record.id, split=split, size_bytes=len(payload),
+                                                    sha256=hashlib.sha256(payload).hexdigest(), dtype="uint8",
+                                                    num_examples=record.splits[split])
+            yield rpc.DownloadDatasetResponse(info=info)
+            for i in range(0, len(payload), CHUNK):
+                yield rpc.DownloadDatasetResponse(chunk=payload[i:i + CHUNK])
+            return
+        info = rpc.DownloadDatasetResponse.Info(dataset_id=record.id, split=split, size_bytes=path.stat().st_size,
+                                                sha256=record.sha256, dtype=record.dtype,
+                                                num_examples=record.splits[split])
+        yield rpc.DownloadDatasetResponse(info=info)
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(CHUNK), b""):
+                yield rpc.DownloadDatasetResponse(chunk=block)
 
     @_guard()
     async def DeleteDataset(self, request, context):

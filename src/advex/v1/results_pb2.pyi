@@ -130,3 +130,31 @@ class TrainResult(_message.Message):
     wall_seconds: float
     device: str
     def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., history: _Optional[_Iterable[_Union[EpochStats, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class DatasetBuildResult(_message.Message):
+    __slots__ = ("dataset_id", "mode", "num_examples", "target_hit_rate", "mean_l2", "max_l2", "feature_distance_mean", "feature_distance_p95", "feature_distance_start_mean", "mean_l2_from_start", "wall_seconds", "device")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_L2_FIELD_NUMBER: _ClassVar[int]
+    MAX_L2_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DISTANCE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DISTANCE_P95_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DISTANCE_START_MEAN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_L2_FROM_START_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    mode: str
+    num_examples: int
+    target_hit_rate: float
+    mean_l2: float
+    max_l2: float
+    feature_distance_mean: float
+    feature_distance_p95: float
+    feature_distance_start_mean: float
+    mean_l2_from_start: float
+    wall_seconds: float
+    device: str
+    def __init__(self, dataset_id: _Optional[str] = ..., mode: _Optional[str] = ..., num_examples: _Optional[int] = ..., target_hit_rate: _Optional[float] = ..., mean_l2: _Optional[float] = ..., max_l2: _Optional[float] = ..., feature_distance_mean: _Optional[float] = ..., feature_distance_p95: _Optional[float] = ..., feature_distance_start_mean: _Optional[float] = ..., mean_l2_from_start: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...

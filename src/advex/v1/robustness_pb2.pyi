@@ -3,6 +3,7 @@ from advex.v1 import resources_pb2 as _resources_pb2
 from advex.v1 import results_pb2 as _results_pb2
 from advex.v1 import operation_pb2 as _operation_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -116,3 +117,106 @@ class TrainRequest(_message.Message):
     std: _containers.RepeatedScalarFieldContainer[float]
     arch_args: _containers.ScalarMap[str, str]
     def __init__(self, architecture: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., preset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_epochs: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., augment: _Optional[bool] = ..., adversarial: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., arch_args: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class InversionSpec(_message.Message):
+    __slots__ = ("steps", "step_size", "start", "eps")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    step_size: float
+    start: str
+    eps: float
+    def __init__(self, steps: _Optional[int] = ..., step_size: _Optional[float] = ..., start: _Optional[str] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class RobustifyRequest(_message.Message):
+    __slots__ = ("model_id", "dataset_id", "split", "limit", "inversion", "seed", "name", "batch_size", "shard_size")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INVERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dataset_id: str
+    split: str
+    limit: int
+    inversion: InversionSpec
+    seed: int
+    name: str
+    batch_size: int
+    shard_size: int
+    def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., shard_size: _Optional[int] = ...) -> None: ...
+
+class BuildNonRobustDatasetRequest(_message.Message):
+    __slots__ = ("mode", "model_id", "dataset_id", "split", "limit", "inversion", "attack", "seed", "name", "batch_size", "shard_size")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[BuildNonRobustDatasetRequest.Mode]
+        D_NR: _ClassVar[BuildNonRobustDatasetRequest.Mode]
+        D_RAND: _ClassVar[BuildNonRobustDatasetRequest.Mode]
+        D_DET: _ClassVar[BuildNonRobustDatasetRequest.Mode]
+    MODE_UNSPECIFIED: BuildNonRobustDatasetRequest.Mode
+    D_NR: BuildNonRobustDatasetRequest.Mode
+    D_RAND: BuildNonRobustDatasetRequest.Mode
+    D_DET: BuildNonRobustDatasetRequest.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INVERSION_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    mode: BuildNonRobustDatasetRequest.Mode
+    model_id: str
+    dataset_id: str
+    split: str
+    limit: int
+    inversion: InversionSpec
+    attack: _results_pb2.AttackSpec
+    seed: int
+    name: str
+    batch_size: int
+    shard_size: int
+    def __init__(self, mode: _Optional[_Union[BuildNonRobustDatasetRequest.Mode, str]] = ..., model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., shard_size: _Optional[int] = ...) -> None: ...
+
+class DownloadDatasetRequest(_message.Message):
+    __slots__ = ("dataset_id", "split", "lossy_uint8")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_UINT8_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    split: str
+    lossy_uint8: bool
+    def __init__(self, dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., lossy_uint8: _Optional[bool] = ...) -> None: ...
+
+class DownloadDatasetResponse(_message.Message):
+    __slots__ = ("info", "chunk")
+    class Info(_message.Message):
+        __slots__ = ("dataset_id", "split", "size_bytes", "sha256", "dtype", "num_examples")
+        DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+        SPLIT_FIELD_NUMBER: _ClassVar[int]
+        SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+        SHA256_FIELD_NUMBER: _ClassVar[int]
+        DTYPE_FIELD_NUMBER: _ClassVar[int]
+        NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+        dataset_id: str
+        split: str
+        size_bytes: int
+        sha256: str
+        dtype: str
+        num_examples: int
+        def __init__(self, dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., dtype: _Optional[str] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    info: DownloadDatasetResponse.Info
+    chunk: bytes
+    def __init__(self, info: _Optional[_Union[DownloadDatasetResponse.Info, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

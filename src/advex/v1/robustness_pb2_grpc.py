@@ -52,6 +52,16 @@ class RobustnessStub:
                 request_serializer=advex_dot_v1_dot_robustness__pb2.TrainRequest.SerializeToString,
                 response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
                 _registered_method=True)
+        self.Robustify = channel.unary_unary(
+                '/advex.v1.Robustness/Robustify',
+                request_serializer=advex_dot_v1_dot_robustness__pb2.RobustifyRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
+                _registered_method=True)
+        self.BuildNonRobustDataset = channel.unary_unary(
+                '/advex.v1.Robustness/BuildNonRobustDataset',
+                request_serializer=advex_dot_v1_dot_robustness__pb2.BuildNonRobustDatasetRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
+                _registered_method=True)
         self.GetOperation = channel.unary_unary(
                 '/advex.v1.Robustness/GetOperation',
                 request_serializer=advex_dot_v1_dot_operation__pb2.GetOperationRequest.SerializeToString,
@@ -117,6 +127,11 @@ class RobustnessStub:
                 request_serializer=advex_dot_v1_dot_resources__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=advex_dot_v1_dot_resources__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.DownloadDataset = channel.unary_stream(
+                '/advex.v1.Robustness/DownloadDataset',
+                request_serializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class RobustnessServicer:
@@ -139,6 +154,20 @@ class RobustnessServicer:
 
     def Train(self, request, context):
         """Standard or adversarial training of a zoo architecture (long: returns an Operation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Robustify(self, request, context):
+        """The robust dataset D_R (Ilyas et al. §3.1): representation inversion through a robust model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BuildNonRobustDataset(self, request, context):
+        """D_NR (inversion through a standard model), D_rand or D_det (§3.2).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,6 +253,13 @@ class RobustnessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadDataset(self, request, context):
+        """A stored dataset split as an .npz, chunked, byte-exact with what is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobustnessServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +276,16 @@ def add_RobustnessServicer_to_server(servicer, server):
             'Train': grpc.unary_unary_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=advex_dot_v1_dot_robustness__pb2.TrainRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
+            ),
+            'Robustify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Robustify,
+                    request_deserializer=advex_dot_v1_dot_robustness__pb2.RobustifyRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
+            ),
+            'BuildNonRobustDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuildNonRobustDataset,
+                    request_deserializer=advex_dot_v1_dot_robustness__pb2.BuildNonRobustDatasetRequest.FromString,
                     response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
             ),
             'GetOperation': grpc.unary_unary_rpc_method_handler(
@@ -306,6 +352,11 @@ def add_RobustnessServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=advex_dot_v1_dot_resources__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=advex_dot_v1_dot_resources__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'DownloadDataset': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadDataset,
+                    request_deserializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +440,60 @@ class Robustness:
             target,
             '/advex.v1.Robustness/Train',
             advex_dot_v1_dot_robustness__pb2.TrainRequest.SerializeToString,
+            advex_dot_v1_dot_operation__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Robustify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/Robustify',
+            advex_dot_v1_dot_robustness__pb2.RobustifyRequest.SerializeToString,
+            advex_dot_v1_dot_operation__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuildNonRobustDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/BuildNonRobustDataset',
+            advex_dot_v1_dot_robustness__pb2.BuildNonRobustDatasetRequest.SerializeToString,
             advex_dot_v1_dot_operation__pb2.Operation.FromString,
             options,
             channel_credentials,
@@ -741,6 +846,33 @@ class Robustness:
             '/advex.v1.Robustness/DeleteDataset',
             advex_dot_v1_dot_resources__pb2.DeleteDatasetRequest.SerializeToString,
             advex_dot_v1_dot_resources__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/advex.v1.Robustness/DownloadDataset',
+            advex_dot_v1_dot_robustness__pb2.DownloadDatasetRequest.SerializeToString,
+            advex_dot_v1_dot_robustness__pb2.DownloadDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
