@@ -70,6 +70,11 @@ def test_d_det_is_stored_with_lineage_and_downloads_byte_exact(client, server, s
     # the lossy option is explicit and rounds to the nearest level
     xu, _ = client.download_dataset(record.id, lossy_uint8=True)
     assert xu.dtype == np.uint8 and np.abs(xu / 255.0 - xd).max() <= 0.5 / 255 + 1e-7
+    # the first examples only; and built-in datasets are served too
+    xl, yl = client.download_dataset(record.id, limit=3)
+    assert np.array_equal(xl, xd[:3]) and np.array_equal(yl, yd[:3])
+    xt, yt = client.download_dataset("tsipras", split="test", limit=5)
+    assert xt.shape == (5, 101) and xt.dtype == np.float32 and set(yt) <= {0, 1}
 
 
 def test_generated_sets_train_and_evaluate_like_any_dataset(client, source):
@@ -119,7 +124,7 @@ def test_build_errors(client, source, tmp_path):
         (lambda: client.robustify("m-none", ds.id), grpc.StatusCode.NOT_FOUND, "model"),
         (lambda: client.build_nonrobust_dataset("d_det", model.id, ds.id, attack={"eps": -1}),
          grpc.StatusCode.INVALID_ARGUMENT, "attack.eps"),
-        (lambda: client.download_dataset("tsipras"), grpc.StatusCode.FAILED_PRECONDITION, "dataset"),
+        (lambda: client.download_dataset(ds.id, limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
         (lambda: client.download_dataset("ds-none"), grpc.StatusCode.NOT_FOUND, "dataset"),
     ]
     for call, code, field in cases:

@@ -90,13 +90,25 @@ def cmd_demo(args) -> int:
         with InProcessServer(data_dir=args.data_dir) as srv, Client(srv.target) as client:
             demo.run(client, settings)
         return 0
-    client = _client(args)
-    try:
-        client.wait_ready(timeout=args.connect_timeout)
-    except grpc.FutureTimeoutError:
-        print(f"error: no advex server at {args.target} (start one with `advex serve`)", file=sys.stderr)
+    client = _ready_client(args)
+    if client is None:
         return 2
     demo.run(client, settings)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from pathlib import Path
+
+    from advex.client import reproduce
+
+    preset = reproduce.PRESETS[args.preset]
+    if args.arch:
+        preset.arch, preset.arch_args = args.arch, {}
+    client = _ready_client(args)
+    if client is None:
+        return 2
+    reproduce.run(client, preset, Path(args.out or f"reproduce-{preset.name}"))
     return 0
 
 
@@ -229,6 +241,17 @@ def _client(args) -> Client:
     return Client(args.target, token=args.token or None)
 
 
+def _ready_client(args) -> Optional[Client]:
+    """A client once the server answers, or None after saying why on stderr."""
+    client = _client(args)
+    try:
+        client.wait_ready(timeout=args.connect_timeout)
+    except grpc.FutureTimeoutError:
+        print(f"error: no advex server at {args.target} (start one with `advex serve`)", file=sys.stderr)
+        return None
+    return client
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--in-process", action="store_true", help="start a server inside this process (needs advex[server])")
     d.add_argument("--data-dir", default="advex-data", help="with --in-process: the server's data dir")
     d.set_defaults(fn=cmd_demo)
+
+    rp = sub.add_parser("reproduce", help="Ilyas et al. (2019) end to end through the service, with a report")
+    rp.add_argument("--preset", default="small", choices=["tiny", "small", "cifar10"],
+                    help="small: Fashion-MNIST on 2 CPU cores in ~20 min; cifar10: the paper's settings, for a GPU; "
+                         "tiny: a one-minute smoke test")
+    rp.add_argument("--arch", default="", help="override the preset's architecture (e.g. resnet50)")
+    rp.add_argument("--out", default="", help="report folder (default reproduce-<preset>)")
+    rp.add_argument("--connect-timeout", type=float, default=60.0)
+    rp.set_defaults(fn=cmd_reproduce)
 
     a = sub.add_parser("attack", help="adversarial examples for an .npz batch (arrays x, y)")
     a.add_argument("--model", required=True)

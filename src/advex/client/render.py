@@ -62,3 +62,46 @@ def image_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[str]]], path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def bar_chart(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float], str]],
+              path: str | Path, title: str = "", reference: Sequence[Sequence[float | None]] = ()) -> Path:
+    """Grouped bars in [0,1] (accuracies), in the style of Ilyas et al.'s Figure 2.
+    series: (name, one value per group, colour). reference: per series, per group, a value drawn
+    as a black tick (e.g. the paper's number), or None."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width, height, left, bottom, top = 120 + 130 * len(groups), 380, 60, 70, 40
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    plot_h = height - bottom - top
+    d.text((left, 10), title, fill="black", font=font)
+    for k in range(0, 11, 2):  # y axis in %
+        yy = top + plot_h - plot_h * k / 10
+        d.line([(left - 4, yy), (width - 20, yy)], fill=(225, 225, 225))
+        d.text((8, yy - 6), f"{k * 10}%", fill="black", font=font)
+    bar_w = 100 // max(1, len(series))
+    for g, group in enumerate(groups):
+        x0 = left + 20 + g * 130
+        for s, (name, values, colour) in enumerate(series):
+            v = max(0.0, min(1.0, float(values[g])))
+            bx = x0 + s * bar_w
+            d.rectangle([bx, top + plot_h - plot_h * v, bx + bar_w - 4, top + plot_h], fill=colour)
+            d.text((bx, top + plot_h - plot_h * v - 12), f"{100 * v:.0f}", fill="black", font=font)
+            if reference and s < len(reference) and reference[s][g] is not None:
+                ry = top + plot_h - plot_h * float(reference[s][g])
+                d.line([(bx - 2, ry), (bx + bar_w - 2, ry)], fill="black", width=3)
+        d.text((x0, top + plot_h + 8), group, fill="black", font=font)
+    for s, (name, _, colour) in enumerate(series):  # legend
+        lx = left + s * 200
+        d.rectangle([lx, height - 28, lx + 12, height - 16], fill=colour)
+        d.text((lx + 18, height - 28), name, fill="black", font=font)
+    if reference:
+        lx = left + len(series) * 200
+        d.line([(lx, height - 22), (lx + 12, height - 22)], fill="black", width=3)
+        d.text((lx + 18, height - 28), "paper", fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -264,12 +264,14 @@ class Client:
             req.attack.CopyFrom(attack_spec(**a))
         return Operation(self, self._call("BuildNonRobustDataset", req))
 
-    def download_dataset(self, dataset_id: str, split: str = "", *, path: Union[str, Path, None] = None,
+    def download_dataset(self, dataset_id: str, split: str = "", *, limit: int = 0,
+                         path: Union[str, Path, None] = None,
                          lossy_uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """A stored dataset split as numpy arrays (x, y); also written byte for byte to `path` if given.
+        """A dataset split as numpy arrays (x, y), optionally its first `limit` examples only; the
+        .npz is also written to `path` if given (for a whole stored dataset: its stored bytes).
         The sha256 the server announces is checked."""
         stream = self.stub.DownloadDataset(
-            rpc.DownloadDatasetRequest(dataset_id=dataset_id, split=split, lossy_uint8=lossy_uint8),
+            rpc.DownloadDatasetRequest(dataset_id=dataset_id, split=split, lossy_uint8=lossy_uint8, limit=limit),
             metadata=self.metadata, timeout=max(self.timeout, 3600.0))
         info, parts = None, []
         for msg in stream:

@@ -50,11 +50,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def lossy_uint8_npz(path: Path) -> bytes:
-    """The stored .npz with float32 images in [0,1] rounded to uint8 (an explicit, lossy option)."""
-    with np.load(path, allow_pickle=False) as z:
-        x, y = z["x"], z["y"]
-    if x.dtype == np.float32:
+def npz_bytes(x: np.ndarray, y: np.ndarray, lossy_uint8: bool = False) -> bytes:
+    """An .npz of (x, y) written for one request; lossy_uint8 rounds float32 images in [0,1] to uint8."""
+    if lossy_uint8 and x.dtype == np.float32:
         x = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     np.savez(buf, x=x, y=y)

@@ -23,7 +23,7 @@ from advex.engine.evaluate import EvalReport, evaluate
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.train import train
 from advex.service import convert
-from advex.service.artifacts import CHUNK, NpzShardWriter, lossy_uint8_npz
+from advex.service.artifacts import CHUNK, NpzShardWriter, npz_bytes
 from advex.service.config import ServerConfig
 from advex.service.errors import ServiceError, invalid, precondition
 from advex.service.metrics import Metrics
@@ -133,12 +133,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     # ------------------------------------------------------------------ Evaluate
     @_guard()
     async def Evaluate(self, request: rpc.EvaluateRequest, context) -> op_pb.Operation:
-        model = self.registry.get_model(request.model_id)
-        dataset = self.registry.get_dataset(request.dataset_id)
-        split = self.registry.resolve_split(dataset, request.split, "test")
-        convert.shapes_match(model, dataset)
-        if request.limit < 0:
-            raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        model, dataset, split = self._model_and_dataset(request, "test")
         if not 0 <= request.batch_size <= 4096:
             raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
         boxed = dataset.domain == res.IMAGE
@@ -263,13 +258,18 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             cfg = BuildConfig(mode, attack=attack_cfg, seed=int(request.seed), batch_size=batch, shard_size=shard)
         return self._submit_build("build_nonrobust", request, cfg, model, dataset, split)
 
-    def _build_inputs(self, request) -> tuple[res.Model, res.Dataset, str]:
+    def _model_and_dataset(self, request, default_split: str) -> tuple[res.Model, res.Dataset, str]:
+        """request.model_id / dataset_id / split / limit, resolved and checked against each other."""
         model = self.registry.get_model(request.model_id)
         dataset = self.registry.get_dataset(request.dataset_id)
-        split = self.registry.resolve_split(dataset, request.split, "train")
+        split = self.registry.resolve_split(dataset, request.split, default_split)
         convert.shapes_match(model, dataset)
         if request.limit < 0:
             raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        return model, dataset, split
+
+    def _build_inputs(self, request) -> tuple[res.Model, res.Dataset, str]:
+        model, dataset, split = self._model_and_dataset(request, "train")
         n = min(request.limit or dataset.splits[split], dataset.splits[split])
         if n < 2:
             raise invalid("limit", "a dataset build needs at least 2 examples")
@@ -407,20 +407,27 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     async def DownloadDataset(self, request, context) -> AsyncIterator[rpc.DownloadDatasetResponse]:
         record = self.registry.get_dataset(request.dataset_id)
         split = self.registry.resolve_split(record, request.split, "train")
-        path = self.registry.dataset_file(record.id, split)
-        if request.lossy_uint8:
-            payload = await self.ops.run_interactive(lambda: lossy_uint8_npz(path))
-            info = rpc.DownloadDatasetResponse.Info(dataset_id=record.id, split=split, size_bytes=len(payload),
-                                                    sha256=hashlib.sha256(payload).hexdigest(), dtype="uint8",
-                                                    num_examples=record.splits[split])
-            yield rpc.DownloadDatasetResponse(info=info)
+        if request.limit < 0:
+            raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        n = min(request.limit or record.splits[split], record.splits[split])
+        whole_stored = record.kind != "builtin" and not request.lossy_uint8 and n == record.splits[split]
+        if whole_stored:  # the stored file itself
+            path = self.registry.dataset_file(record.id, split)
+            size, sha, dtype, payload = path.stat().st_size, record.sha256, record.dtype, None
+        else:
+            def make() -> bytes:
+                data = self.registry.load_dataset(record.id, split).subset(n)
+                return npz_bytes(data.x.numpy(), data.y.numpy(), request.lossy_uint8)
+
+            payload = await self.ops.run_interactive(make)
+            size, sha = len(payload), hashlib.sha256(payload).hexdigest()
+            dtype = "uint8" if request.lossy_uint8 or record.dtype == "uint8" else record.dtype
+        yield rpc.DownloadDatasetResponse(info=rpc.DownloadDatasetResponse.Info(
+            dataset_id=record.id, split=split, size_bytes=size, sha256=sha, dtype=dtype, num_examples=n))
+        if payload is not None:
             for i in range(0, len(payload), CHUNK):
                 yield rpc.DownloadDatasetResponse(chunk=payload[i:i + CHUNK])
             return
-        info = rpc.DownloadDatasetResponse.Info(dataset_id=record.id, split=split, size_bytes=path.stat().st_size,
-                                                sha256=record.sha256, dtype=record.dtype,
-                                                num_examples=record.splits[split])
-        yield rpc.DownloadDatasetResponse(info=info)
         with path.open("rb") as f:
             for block in iter(lambda: f.read(CHUNK), b""):
                 yield rpc.DownloadDatasetResponse(chunk=block)

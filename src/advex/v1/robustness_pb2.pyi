@@ -189,14 +189,16 @@ class BuildNonRobustDatasetRequest(_message.Message):
     def __init__(self, mode: _Optional[_Union[BuildNonRobustDatasetRequest.Mode, str]] = ..., model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., shard_size: _Optional[int] = ...) -> None: ...
 
 class DownloadDatasetRequest(_message.Message):
-    __slots__ = ("dataset_id", "split", "lossy_uint8")
+    __slots__ = ("dataset_id", "split", "lossy_uint8", "limit")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     LOSSY_UINT8_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     split: str
     lossy_uint8: bool
-    def __init__(self, dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., lossy_uint8: _Optional[bool] = ...) -> None: ...
+    limit: int
+    def __init__(self, dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., lossy_uint8: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class DownloadDatasetResponse(_message.Message):
     __slots__ = ("info", "chunk")
