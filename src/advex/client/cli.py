@@ -176,6 +176,25 @@ def cmd_build_nonrobust(args) -> int:
     return _finish(op, args.wait)
 
 
+def cmd_transfer(args) -> int:
+    op = _client(args).transfer_rate(args.source, args.target, args.dataset, norm=args.norm, eps=args.eps,
+                                     steps=args.steps, targeted=args.targeted, split=args.split, limit=args.limit,
+                                     seed=args.seed)
+    if not args.wait:
+        print(op.id)
+        return 0
+    try:
+        result = op.result()
+    except OperationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(table(["source", "target", "white-box", "transfer rate", "unconditional", "successes", "transferred"],
+                [[p.source_model_id, p.target_model_id, f"{p.white_box_success_rate:.1%}", f"{p.transfer_rate:.1%}",
+                  f"{p.unconditional_rate:.1%}", p.successful_on_source, p.transferred] for p in result.pairs]))
+    print(f"\n{result.definition}")
+    return 0
+
+
 def cmd_models(args) -> int:
     c = _client(args)
     if args.action == "list":
@@ -359,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--name", default="")
         b.add_argument("--no-wait", dest="wait", action="store_false")
         b.set_defaults(fn=cmd_robustify if name == "robustify" else cmd_build_nonrobust)
+
+    tr = sub.add_parser("transfer", help="how often each source's adversarial examples fool each target")
+    tr.add_argument("--source", action="append", required=True, help="source model id (repeatable)")
+    tr.add_argument("--target", action="append", required=True, help="target model id (repeatable)")
+    tr.add_argument("--dataset", required=True)
+    tr.add_argument("--split", default="")
+    tr.add_argument("--limit", type=int, default=0)
+    tr.add_argument("--norm", default="L2", choices=["L2", "Linf"])
+    tr.add_argument("--eps", type=float, default=0.5)
+    tr.add_argument("--steps", type=int, default=0)
+    tr.add_argument("--targeted", action="store_true", help="aim at (y + 1) mod C")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-wait", dest="wait", action="store_false")
+    tr.set_defaults(fn=cmd_transfer)
 
     for name, fn, extra in (("models", cmd_models, True), ("datasets", cmd_datasets, True), ("ops", cmd_ops, False)):
         r = sub.add_parser(name, help=f"{name}: list, get, ...")

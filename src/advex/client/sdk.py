@@ -287,6 +287,17 @@ class Client:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return z["x"], z["y"]
 
+    # ------------------------------------------------------------------ TransferRate
+    def transfer_rate(self, source_model_ids: Sequence[str], target_model_ids: Sequence[str], dataset_id: str, *,
+                      norm: str = "L2", eps: float = 0.5, method: str = "pgd", steps: int = 0, step_size: float = 0.0,
+                      targeted: bool = False, seed: int = 0, split: str = "", limit: int = 0,
+                      batch_size: int = 0) -> Operation:
+        """How often each source's adversarial examples fool each target (definitions in the result)."""
+        req = rpc.TransferRateRequest(source_model_ids=list(source_model_ids), target_model_ids=list(target_model_ids),
+                                      dataset_id=dataset_id, split=split, limit=limit, batch_size=batch_size,
+                                      attack=attack_spec(norm, eps, method, steps, step_size, None, 0, targeted, seed))
+        return Operation(self, self._call("TransferRate", req))
+
     # ------------------------------------------------------------------ operations
     def get_operation(self, operation_id: str) -> Operation:
         return Operation(self, self._call("GetOperation", op_pb.GetOperationRequest(operation_id=operation_id)))

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -166,7 +167,7 @@ class Registry:
             raise invalid(field, "required")
         found = self.store.get_resource("models", model_id, res.Model)
         if found is None:
-            raise not_found("model", model_id)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"{field}: model {model_id!r} not found")
         return found[0]
 
     def load_model(self, model_id: str) -> tuple[res.Model, ModelWrapper]:

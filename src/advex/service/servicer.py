@@ -22,6 +22,7 @@ from advex.engine.builders import BuildConfig, build, summarize
 from advex.engine.evaluate import EvalReport, evaluate
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.train import train
+from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
 from advex.service import convert
 from advex.service.artifacts import CHUNK, NpzShardWriter, npz_bytes
 from advex.service.config import ServerConfig
@@ -318,6 +319,59 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             return "dataset_build", result
 
         return self.ops.submit(kind, request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
+
+    # ------------------------------------------------------------------ TransferRate
+    @_guard()
+    async def TransferRate(self, request: rpc.TransferRateRequest, context) -> op_pb.Operation:
+        if not request.source_model_ids:
+            raise invalid("source_model_ids", "at least one source model is required")
+        if not request.target_model_ids:
+            raise invalid("target_model_ids", "at least one target model is required")
+        dataset = self.registry.get_dataset(request.dataset_id)
+        split = self.registry.resolve_split(dataset, request.split, "test")
+        models: dict[str, res.Model] = {}
+        for field in ("source_model_ids", "target_model_ids"):
+            for k, model_id in enumerate(getattr(request, field)):
+                model = self.registry.get_model(model_id, f"{field}[{k}]")
+                if list(model.spec.input_shape) != list(dataset.example_shape):
+                    raise invalid(f"{field}[{k}]", f"model {model.id!r} takes inputs of shape "
+                                  f"{list(model.spec.input_shape)}, dataset {dataset.id!r} has "
+                                  f"{list(dataset.example_shape)}")
+                if model.spec.num_classes < dataset.num_classes:
+                    raise invalid(f"{field}[{k}]", f"model {model.id!r} has {model.spec.num_classes} classes, "
+                                  f"dataset {dataset.id!r} {dataset.num_classes}")
+                models[model.id] = model
+        if request.limit < 0:
+            raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
+        if not 0 <= request.batch_size <= 4096:
+            raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
+        cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(dataset.example_shape)),
+                                    dataset.domain == res.IMAGE)
+        sources, targets = list(request.source_model_ids), list(request.target_model_ids)
+
+        def work(ctx: OpContext):
+            t0 = time.perf_counter()
+            wrappers = {model_id: self.registry.load_model(model_id)[1] for model_id in models}
+            data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            counts = transfer_rates([wrappers[m] for m in sources], [wrappers[m] for m in targets], data, cfg,
+                                    batch_size=request.batch_size or 256, device=self.device,
+                                    on_progress=lambda d, t, stage: ctx.progress(d, t, "images", stage))
+            self.metrics.images.labels("transfer").inc(len(data) * len(sources))
+            out = results.TransferRateResult(definition=TRANSFER_DEFINITION, attack=convert.attack_spec(cfg.resolved()),
+                                             dataset_id=dataset.id, split=split, device=str(self.device))
+            for i, source_id in enumerate(sources):
+                for j, target_id in enumerate(targets):
+                    c = counts[i][j]
+                    out.pairs.add(source_model_id=source_id, target_model_id=target_id, examples=c.examples,
+                                  correct_on_source=c.correct_on_source, correct_on_target=c.correct_on_target,
+                                  successful_on_source=c.successful_on_source, transferred=c.transferred,
+                                  fooled_target=c.fooled_target, white_box_success_rate=c.white_box_success_rate,
+                                  transfer_rate=c.transfer_rate, unconditional_rate=c.unconditional_rate)
+            out.wall_seconds = time.perf_counter() - t0
+            return "transfer", out
+
+        resources = frozenset({("dataset", dataset.id)} | {("model", m) for m in models})
+        return self.ops.submit("transfer", request, work, resources)
 
     # ------------------------------------------------------------------ operations
     @_guard()

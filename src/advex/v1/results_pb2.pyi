@@ -158,3 +158,47 @@ class DatasetBuildResult(_message.Message):
     wall_seconds: float
     device: str
     def __init__(self, dataset_id: _Optional[str] = ..., mode: _Optional[str] = ..., num_examples: _Optional[int] = ..., target_hit_rate: _Optional[float] = ..., mean_l2: _Optional[float] = ..., max_l2: _Optional[float] = ..., feature_distance_mean: _Optional[float] = ..., feature_distance_p95: _Optional[float] = ..., feature_distance_start_mean: _Optional[float] = ..., mean_l2_from_start: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class TransferPair(_message.Message):
+    __slots__ = ("source_model_id", "target_model_id", "examples", "correct_on_source", "correct_on_target", "successful_on_source", "transferred", "fooled_target", "white_box_success_rate", "transfer_rate", "unconditional_rate")
+    SOURCE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_ON_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_ON_TARGET_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSFUL_ON_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    FOOLED_TARGET_FIELD_NUMBER: _ClassVar[int]
+    WHITE_BOX_SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_RATE_FIELD_NUMBER: _ClassVar[int]
+    UNCONDITIONAL_RATE_FIELD_NUMBER: _ClassVar[int]
+    source_model_id: str
+    target_model_id: str
+    examples: int
+    correct_on_source: int
+    correct_on_target: int
+    successful_on_source: int
+    transferred: int
+    fooled_target: int
+    white_box_success_rate: float
+    transfer_rate: float
+    unconditional_rate: float
+    def __init__(self, source_model_id: _Optional[str] = ..., target_model_id: _Optional[str] = ..., examples: _Optional[int] = ..., correct_on_source: _Optional[int] = ..., correct_on_target: _Optional[int] = ..., successful_on_source: _Optional[int] = ..., transferred: _Optional[int] = ..., fooled_target: _Optional[int] = ..., white_box_success_rate: _Optional[float] = ..., transfer_rate: _Optional[float] = ..., unconditional_rate: _Optional[float] = ...) -> None: ...
+
+class TransferRateResult(_message.Message):
+    __slots__ = ("definition", "attack", "dataset_id", "split", "pairs", "wall_seconds", "device")
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    definition: str
+    attack: AttackSpec
+    dataset_id: str
+    split: str
+    pairs: _containers.RepeatedCompositeFieldContainer[TransferPair]
+    wall_seconds: float
+    device: str
+    def __init__(self, definition: _Optional[str] = ..., attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., pairs: _Optional[_Iterable[_Union[TransferPair, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...

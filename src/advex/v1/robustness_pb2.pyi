@@ -222,3 +222,21 @@ class DownloadDatasetResponse(_message.Message):
     info: DownloadDatasetResponse.Info
     chunk: bytes
     def __init__(self, info: _Optional[_Union[DownloadDatasetResponse.Info, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class TransferRateRequest(_message.Message):
+    __slots__ = ("source_model_ids", "target_model_ids", "dataset_id", "split", "limit", "attack", "batch_size")
+    SOURCE_MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    source_model_ids: _containers.RepeatedScalarFieldContainer[str]
+    target_model_ids: _containers.RepeatedScalarFieldContainer[str]
+    dataset_id: str
+    split: str
+    limit: int
+    attack: _results_pb2.AttackSpec
+    batch_size: int
+    def __init__(self, source_model_ids: _Optional[_Iterable[str]] = ..., target_model_ids: _Optional[_Iterable[str]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...

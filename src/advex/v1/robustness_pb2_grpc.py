@@ -62,6 +62,11 @@ class RobustnessStub:
                 request_serializer=advex_dot_v1_dot_robustness__pb2.BuildNonRobustDatasetRequest.SerializeToString,
                 response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
                 _registered_method=True)
+        self.TransferRate = channel.unary_unary(
+                '/advex.v1.Robustness/TransferRate',
+                request_serializer=advex_dot_v1_dot_robustness__pb2.TransferRateRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
+                _registered_method=True)
         self.GetOperation = channel.unary_unary(
                 '/advex.v1.Robustness/GetOperation',
                 request_serializer=advex_dot_v1_dot_operation__pb2.GetOperationRequest.SerializeToString,
@@ -168,6 +173,13 @@ class RobustnessServicer:
 
     def BuildNonRobustDataset(self, request, context):
         """D_NR (inversion through a standard model), D_rand or D_det (§3.2).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferRate(self, request, context):
+        """How often each source model's adversarial examples fool each target model (§3.3).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,6 +298,11 @@ def add_RobustnessServicer_to_server(servicer, server):
             'BuildNonRobustDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.BuildNonRobustDataset,
                     request_deserializer=advex_dot_v1_dot_robustness__pb2.BuildNonRobustDatasetRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
+            ),
+            'TransferRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferRate,
+                    request_deserializer=advex_dot_v1_dot_robustness__pb2.TransferRateRequest.FromString,
                     response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
             ),
             'GetOperation': grpc.unary_unary_rpc_method_handler(
@@ -494,6 +511,33 @@ class Robustness:
             target,
             '/advex.v1.Robustness/BuildNonRobustDataset',
             advex_dot_v1_dot_robustness__pb2.BuildNonRobustDatasetRequest.SerializeToString,
+            advex_dot_v1_dot_operation__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/TransferRate',
+            advex_dot_v1_dot_robustness__pb2.TransferRateRequest.SerializeToString,
             advex_dot_v1_dot_operation__pb2.Operation.FromString,
             options,
             channel_credentials,
