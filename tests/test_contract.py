@@ -238,6 +238,15 @@ def test_attack_bad_input_is_invalid_argument_naming_the_field(client, cnn_model
     assert info.value.details().startswith(field + ":"), info.value.details()
 
 
+def test_square_attack_through_the_service_reports_queries(client, cnn_model):
+    x = np.random.default_rng(2).random((6, 1, 28, 28), dtype=np.float32)
+    out = client.attack(cnn_model.id, x, [0] * 6, norm="Linf", eps=0.05, method="square", steps=40)
+    assert out.queries.dtype == np.int64 and out.queries.shape == (6,)
+    assert (out.queries >= 1).all() and (out.queries <= 40).all() and out.attack.steps == 40
+    assert (out.perturbation_norm <= 0.05 + 1e-6).all()
+    assert client.attack(cnn_model.id, x, [0] * 6, eps=0.05, steps=2).queries is None  # white-box: no count
+
+
 def test_attack_unknown_model_is_not_found(client):
     assert code_of(lambda: client.attack("m-nope", np.zeros((1, 1, 28, 28), np.float32), [0], eps=0.1)) \
         == grpc.StatusCode.NOT_FOUND

@@ -63,6 +63,7 @@ class AttackResult:
     perturbation_norm: np.ndarray  # float32 [N]
     attack: results.AttackSpec     # settings used, defaults filled in
     model_sha256: str
+    queries: Optional[np.ndarray] = None  # int64 [N]: model queries (black-box attacks)
 
 
 class Operation:
@@ -199,7 +200,8 @@ class Client:
                                 domain=res.REAL if domain.lower() == "real" else res.IMAGE)
         r = self.stub.Attack(req, metadata=self.metadata, timeout=max(self.timeout, 600.0))
         return AttackResult(from_tensor(r.x_adv, "x_adv"), from_tensor(r.clean_pred), from_tensor(r.adv_pred),
-                            from_tensor(r.success), from_tensor(r.perturbation_norm), r.attack, r.model_sha256)
+                            from_tensor(r.success), from_tensor(r.perturbation_norm), r.attack, r.model_sha256,
+                            from_tensor(r.queries) if r.HasField("queries") else None)
 
     # ------------------------------------------------------------------ Evaluate / Train
     def evaluate(self, model_id: str, dataset_id: str, *, attacks: Iterable[Mapping] = (), split: str = "",

@@ -12,7 +12,8 @@ from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted
 from advex.engine.optimize import StepCallback, optimize
 from advex.engine.threat import Box, make_threat_model
 
-METHODS = ("pgd", "fgsm")
+METHODS = ("pgd", "fgsm", "square")
+GRADIENT_FREE = ("square",)
 NORMS = ("L2", "Linf")
 
 
@@ -45,6 +46,10 @@ class AttackConfig:
             steps = 1
             step_size = self.step_size or self.eps
             random_start = bool(self.random_start)
+        elif method == "square":  # steps = query budget per example; no gradient steps
+            steps = self.steps or 1000
+            step_size = 0.0
+            random_start = True
         else:
             steps = self.steps or 10
             step_size = self.step_size or 2.5 * self.eps / steps
@@ -64,6 +69,7 @@ class AttackOutput:
     adv_pred: torch.Tensor    # int64 [N]
     distance: torch.Tensor    # float32 [N], ||x_adv - x|| in the attack's norm
     config: AttackConfig      # resolved settings
+    queries: Optional[torch.Tensor] = None  # int64 [N], model queries (black-box attacks)
 
 
 @torch.no_grad()
@@ -89,6 +95,14 @@ def attack(
     """
     cfg = config.resolved()
     threat = make_threat_model(cfg.norm, cfg.eps, box)
+    if cfg.method == "square":
+        from advex.engine.square import square_attack
+
+        res = square_attack(forward, x, y, norm=cfg.norm, eps=cfg.eps, queries=cfg.steps, targeted=cfg.targeted,
+                            box=box, seed=cfg.seed, on_step=on_step)
+        clean_pred, adv_pred = predict(forward, x), predict(forward, res.x)
+        success = adv_pred == y if cfg.targeted else adv_pred != y
+        return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg, res.queries)
     objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
     gen = torch.Generator(device=x.device if x.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
     res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from advex.engine.attacks import AttackConfig, attack, predict
+from advex.engine.attacks import GRADIENT_FREE, AttackConfig, attack, predict
 from advex.engine.data import ArrayDataset, batch_float
 from advex.engine.models import ModelWrapper
 
@@ -39,6 +39,7 @@ class RobustRow:
     per_class: list[float]
     wall_seconds: float
     robust_mask: torch.Tensor  # bool [N]
+    mean_queries: float = 0.0  # black-box attacks: model queries per attacked example
 
     @property
     def robust_accuracy(self) -> float:
@@ -114,6 +115,7 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
     for cfg in configs:
         t0 = time.perf_counter()
         robust = torch.zeros(n, dtype=torch.bool)
+        queries = 0
         stage = f"{cfg.method} {cfg.norm} eps={cfg.eps:g}"
         for start in range(0, len(idx_correct), batch_size):
             rows = idx_correct[start:start + batch_size]
@@ -121,13 +123,34 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
             y = data.y[rows].to(device)
             out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True)
             robust[rows] = ~out.success.cpu()
+            if out.queries is not None:
+                queries += int(out.queries.sum())
             done += len(rows)
             report_progress(done, total, stage)
         report.rows.append(RobustRow(cfg, int(robust.sum()), n, n_correct,
                                      per_class_rate(robust, data.y, data.num_classes),
-                                     time.perf_counter() - t0, robust))
+                                     time.perf_counter() - t0, robust, queries / max(len(idx_correct), 1)))
         key = (cfg.norm, cfg.eps)
         worst[key] = worst[key] & robust if key in worst else robust.clone()
     report.worst_case = [WorstCaseRow(norm, eps, mask) for (norm, eps), mask in worst.items()]
     report.wall_seconds = time.perf_counter() - t_start
     return report
+
+
+def gradient_masking_notes(rows: list[RobustRow]) -> list[str]:
+    """Where a black-box attack breaks more examples than every white-box attack at the same
+    (norm, eps), gradients are likely masked (Athalye et al., 2018): say so, with the numbers."""
+    notes = []
+    for norm, eps in sorted({(r.config.norm, r.config.eps) for r in rows}):
+        here = [r for r in rows if (r.config.norm, r.config.eps) == (norm, eps)]
+        black = [r for r in here if r.config.method in GRADIENT_FREE]
+        white = [r for r in here if r.config.method not in GRADIENT_FREE]
+        if not black or not white:
+            continue
+        b = min(black, key=lambda r: r.robust_correct)
+        w = min(white, key=lambda r: r.robust_correct)
+        if b.robust_correct < w.robust_correct:
+            notes.append(f"gradient masking suspected at {norm} eps={eps:g}: black-box {b.config.method} leaves "
+                         f"{b.robust_accuracy:.1%} robust, white-box {w.config.method} {w.robust_accuracy:.1%}; "
+                         "trust the lower number")
+    return notes

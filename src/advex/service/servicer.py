@@ -19,7 +19,7 @@ import torch
 from advex.engine import zoo
 from advex.engine.attacks import attack
 from advex.engine.builders import BuildConfig, build, summarize
-from advex.engine.evaluate import EvalReport, evaluate
+from advex.engine.evaluate import EvalReport, evaluate, gradient_masking_notes
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.train import train
 from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
@@ -129,7 +129,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             x_adv=to_tensor(out.x_adv.detach().cpu().numpy()), clean_pred=to_tensor(out.clean_pred.cpu().numpy()),
             adv_pred=to_tensor(out.adv_pred.cpu().numpy()), success=to_tensor(out.success.cpu().numpy()),
             perturbation_norm=to_tensor(out.distance.detach().cpu().numpy()), attack=convert.attack_spec(out.config),
-            model_sha256=model.sha256)
+            model_sha256=model.sha256,
+            queries=to_tensor(out.queries.cpu().numpy()) if out.queries is not None else None)
 
     # ------------------------------------------------------------------ Evaluate
     @_guard()
@@ -163,7 +164,11 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         for row in rep.rows:
             out.robust.add(attack=convert.attack_spec(row.config), robust_accuracy=row.robust_accuracy,
                            robust_correct=row.robust_correct, total=row.total, success_rate=row.success_rate,
-                           per_class_robust_accuracy=row.per_class, wall_seconds=row.wall_seconds)
+                           per_class_robust_accuracy=row.per_class, wall_seconds=row.wall_seconds,
+                           mean_queries=row.mean_queries)
+        masking = gradient_masking_notes(rep.rows)
+        out.gradient_masking_suspected = bool(masking)
+        out.notes.extend(masking)
         for wc in rep.worst_case:
             out.worst_case.add(norm=convert.NORM_ENUM[wc.norm], eps=wc.eps,
                                robust_accuracy=wc.robust_correct / rep.num_examples if rep.num_examples else 0.0,

@@ -40,7 +40,7 @@ class AttackSpec(_message.Message):
     def __init__(self, method: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., step_size: _Optional[float] = ..., steps: _Optional[int] = ..., random_start: _Optional[bool] = ..., restarts: _Optional[int] = ..., targeted: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RobustAccuracy(_message.Message):
-    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds")
+    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries")
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class RobustAccuracy(_message.Message):
     SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
     PER_CLASS_ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_QUERIES_FIELD_NUMBER: _ClassVar[int]
     attack: AttackSpec
     robust_accuracy: float
     robust_correct: int
@@ -55,7 +56,16 @@ class RobustAccuracy(_message.Message):
     success_rate: float
     per_class_robust_accuracy: _containers.RepeatedScalarFieldContainer[float]
     wall_seconds: float
-    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+    mean_queries: float
+    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ...) -> None: ...
+
+class SkippedAttack(_message.Message):
+    __slots__ = ("attack", "reason")
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attack: AttackSpec
+    reason: str
+    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorstCase(_message.Message):
     __slots__ = ("norm", "eps", "robust_accuracy", "robust_correct", "per_example")
@@ -72,7 +82,7 @@ class WorstCase(_message.Message):
     def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateResult(_message.Message):
-    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device")
+    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +96,9 @@ class EvaluateResult(_message.Message):
     WORST_CASE_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_MASKING_SUSPECTED_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_sha256: str
     dataset_id: str
@@ -99,7 +112,10 @@ class EvaluateResult(_message.Message):
     worst_case: _containers.RepeatedCompositeFieldContainer[WorstCase]
     wall_seconds: float
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    gradient_masking_suspected: bool
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedAttack]
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ...) -> None: ...
 
 class EpochStats(_message.Message):
     __slots__ = ("epoch", "train_loss", "train_accuracy", "train_robust_accuracy", "lr", "wall_seconds")

@@ -26,7 +26,7 @@ class AttackRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., domain: _Optional[_Union[_resources_pb2.Domain, str]] = ...) -> None: ...
 
 class AttackResponse(_message.Message):
-    __slots__ = ("x_adv", "clean_pred", "adv_pred", "success", "perturbation_norm", "attack", "model_sha256")
+    __slots__ = ("x_adv", "clean_pred", "adv_pred", "success", "perturbation_norm", "attack", "model_sha256", "queries")
     X_ADV_FIELD_NUMBER: _ClassVar[int]
     CLEAN_PRED_FIELD_NUMBER: _ClassVar[int]
     ADV_PRED_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class AttackResponse(_message.Message):
     PERTURBATION_NORM_FIELD_NUMBER: _ClassVar[int]
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
     x_adv: _tensor_pb2.Tensor
     clean_pred: _tensor_pb2.Tensor
     adv_pred: _tensor_pb2.Tensor
@@ -41,7 +42,8 @@ class AttackResponse(_message.Message):
     perturbation_norm: _tensor_pb2.Tensor
     attack: _results_pb2.AttackSpec
     model_sha256: str
-    def __init__(self, x_adv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., clean_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., adv_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., success: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., perturbation_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+    queries: _tensor_pb2.Tensor
+    def __init__(self, x_adv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., clean_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., adv_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., success: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., perturbation_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class AttackSweep(_message.Message):
     __slots__ = ("attack", "eps")
