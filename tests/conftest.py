@@ -31,3 +31,16 @@ def require_builtin(name: str) -> list[str]:
 @pytest.fixture
 def tmp_data_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def require_module(name: str, install_hint: str):
+    """Import an optional dependency, or skip naming the install (under CI: fail)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        msg = f"{name} is not installed: {install_hint}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)

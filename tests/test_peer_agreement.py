@@ -3,8 +3,6 @@ batch and settings their robust accuracies must agree (a cross-check of the engi
 independent implementation)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,18 +12,12 @@ from advex.engine.data import tsipras
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.train import TrainConfig, train
 
-try:
-    import torchattacks
-except ImportError:  # scripts/test.sh installs it; outside CI the check may be skipped
-    torchattacks = None
+from conftest import require_module
 
 
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.3), ("L2", 3.0)])
 def test_robust_accuracy_agrees_with_torchattacks(norm, eps):
-    if torchattacks is None:
-        if os.environ.get("CI"):
-            pytest.fail("torchattacks is not installed (scripts/test.sh installs it with --no-deps)")
-        pytest.skip("torchattacks not installed: pip install --no-deps torchattacks scipy")
+    torchattacks = require_module("torchattacks", "pip install --no-deps torchattacks scipy (scripts/test.sh does)")
     data = tsipras(3000, seed=1)
     torch.manual_seed(0)
     model = ModelWrapper(zoo.build("mlp", (101,), 2), ModelInfo("mlp", (101,), 2))

@@ -210,8 +210,14 @@ def cmd_models(args) -> int:
         m = c.upload_model(args.id, format=args.format, num_classes=args.num_classes,
                            input_shape=[int(v) for v in args.input_shape.split(",")], architecture=args.arch,
                            name=args.name, mean=_floats(args.mean) if args.mean else (),
-                           std=_floats(args.std) if args.std else ())
+                           std=_floats(args.std) if args.std else (), layout=args.layout,
+                           value_range=args.value_range)
         print(m.id)
+    elif args.action == "export":
+        if not args.dataset:
+            print("error: `models export` needs --dataset (agreement is measured on it)", file=sys.stderr)
+            return 2
+        return _finish(c.export_model(args.id, args.dataset, limit=args.limit, name=args.name), True)
     return 0
 
 
@@ -398,10 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
         actions = ["list", "get", "delete", "upload"] if extra else ["list", "get", "cancel", "wait", "watch"]
         if name == "datasets":
             actions.append("download")
+        if name == "models":
+            actions.append("export")
         r.add_argument("action", choices=actions)
         r.add_argument("id", nargs="?", help="resource id (or file, for upload)")
         if name == "models":
-            r.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "torch_export"])
+            r.add_argument("--format", default="safetensors",
+                           choices=["safetensors", "torchscript", "torch_export", "onnx"])
+            r.add_argument("--layout", default="", choices=["", "NCHW", "NHWC"], help="ONNX input layout")
+            r.add_argument("--value-range", default="", choices=["", "0-1", "0-255"], help="ONNX input range")
+            r.add_argument("--dataset", default="", help="export: dataset to measure agreement on")
+            r.add_argument("--limit", type=int, default=1000, help="export: examples to compare")
             r.add_argument("--arch", default="")
             r.add_argument("--num-classes", type=int, default=10)
             r.add_argument("--input-shape", default="3,32,32")

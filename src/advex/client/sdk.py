@@ -22,7 +22,7 @@ from advex.wire import from_tensor, to_tensor
 CHUNK = 1 << 20
 NORMS = {"l2": results.L2, "linf": results.LINF}
 FORMATS = {"safetensors": res.SAFETENSORS, "torchscript": res.TORCHSCRIPT, "torch_export": res.TORCH_EXPORT,
-           "pt2": res.TORCH_EXPORT}
+           "pt2": res.TORCH_EXPORT, "onnx": res.ONNX}
 MAX_MESSAGE = 64 << 20
 
 
@@ -323,16 +323,27 @@ class Client:
                      input_shape: Sequence[int], architecture: str = "", name: str = "",
                      mean: Sequence[float] = (), std: Sequence[float] = (),
                      labels: Optional[Mapping[str, str]] = None,
-                     arch_args: Optional[Mapping[str, str]] = None) -> res.Model:
-        """format: "safetensors" (with a zoo architecture), "torchscript" or "torch_export"."""
+                     arch_args: Optional[Mapping[str, str]] = None, layout: str = "",
+                     value_range: str = "") -> res.Model:
+        """format: "safetensors" (with a zoo architecture), "torchscript", "torch_export" or "onnx".
+        ONNX graphs declare their input layout ("NCHW" default, "NHWC") and value range ("0-1"
+        default, "0-255"); they are checked against the graph's input at upload."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
         spec = res.ModelSpec(name=name, format=FORMATS[format], architecture=architecture, num_classes=num_classes,
                              input_shape=list(input_shape), mean=mean, std=std, labels=dict(labels or {}),
-                             arch_args={k: str(v) for k, v in (arch_args or {}).items()})
+                             arch_args={k: str(v) for k, v in (arch_args or {}).items()}, layout=layout,
+                             value_range=value_range)
         data = file if isinstance(file, bytes) else Path(file).read_bytes()
         parts = [res.UploadModelRequest(spec=spec)] + [res.UploadModelRequest(chunk=c) for c in _chunks(data)]
         return self.stub.UploadModel(iter(parts), metadata=self.metadata, timeout=max(self.timeout, 600.0))
+
+    def export_model(self, model_id: str, dataset_id: str, *, split: str = "", limit: int = 0,
+                     name: str = "") -> Operation:
+        """Export a torch model to ONNX (registered as a new model) and measure, on a dataset, how
+        often the two predict the same class: the result is an ExportResult."""
+        req = res.ExportModelRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit, name=name)
+        return Operation(self, self._call("ExportModel", req))
 
     def get_model(self, model_id: str) -> res.Model:
         return self._call("GetModel", res.GetModelRequest(model_id=model_id))

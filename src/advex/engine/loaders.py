@@ -15,15 +15,17 @@ from torch import nn
 from advex.engine import zoo
 from advex.engine.models import ModelInfo, ModelWrapper
 
-FORMATS = ("safetensors", "torchscript", "torch_export")
+FORMATS = ("safetensors", "torchscript", "torch_export", "onnx")
 
 
 class ModelLoadError(ValueError):
     """The file is not a loadable model of the declared format / architecture."""
 
 
-def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device | str = "cpu") -> ModelWrapper:
-    """A ready-to-use wrapper in eval mode on ``device``; raises ModelLoadError."""
+def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device | str = "cpu",
+               layout: str = "NCHW", value_range: str = "0-1") -> ModelWrapper:
+    """A ready-to-use wrapper in eval mode on ``device``; raises ModelLoadError.
+    layout / value_range: what an ONNX graph's input expects (ignored for torch formats)."""
     path = Path(path)
     try:
         if fmt == "safetensors":
@@ -39,12 +41,20 @@ def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device
                 net = torch.jit.load(str(path), map_location="cpu")
         elif fmt == "torch_export":
             net = torch.export.load(str(path)).module()
+        elif fmt == "onnx":
+            from advex.engine.onnx_model import OnnxNet
+
+            net = OnnxNet(path, info.input_shape, layout or "NCHW", value_range or "0-1", device)
         else:
             raise ModelLoadError(f"unknown model format {fmt!r}; expected one of {FORMATS}")
     except ModelLoadError:
         raise
     except Exception as exc:  # any parse/shape error of an untrusted file
-        raise ModelLoadError(f"cannot load {fmt} model: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if fmt == "onnx" and "external data" in str(exc).lower():
+            hint = (" (the graph keeps its weights in a separate file; upload a single file: "
+                    "torch.onnx.export(..., external_data=False))")
+        raise ModelLoadError(f"cannot load {fmt} model: {type(exc).__name__}: {exc}{hint}") from exc
     model = ModelWrapper(net, info).to(device)
     model.eval()
     return model
@@ -84,12 +94,15 @@ def check_model(model: ModelWrapper, device: torch.device | str = "cpu") -> None
                              f"expected [2, {info.num_classes}] (num_classes)")
 
 
-def save_safetensors(net: nn.Module, path: str | Path) -> None:
-    """Weights of a zoo network, contiguous CPU tensors."""
-    from safetensors.torch import save_file
+def safetensors_bytes(net: nn.Module) -> bytes:
+    """Weights of a zoo network as a safetensors file's bytes (contiguous CPU tensors)."""
+    from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(path))
+    return save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+
+
+def save_safetensors(net: nn.Module, path: str | Path) -> None:
+    Path(path).write_bytes(safetensors_bytes(net))
 
 
 def load_checkpoint_weights(path: str | Path) -> dict:

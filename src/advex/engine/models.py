@@ -36,6 +36,11 @@ class ModelWrapper(nn.Module):
         self._normalize = bool(info.mean) or bool(info.std)
 
     @property
+    def has_gradients(self) -> bool:
+        """False for black boxes (ONNX graphs): only gradient-free attacks apply."""
+        return getattr(self.net, "has_gradients", True)
+
+    @property
     def has_features(self) -> bool:
         return hasattr(self.net, "features") and callable(getattr(self.net, "features"))
 

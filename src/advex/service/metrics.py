@@ -23,6 +23,9 @@ class Metrics:
                                     registry=r)
         self.robust_accuracy = Gauge("advex_robust_accuracy", "Last measured robust accuracy (suite-wide worst case)",
                                      ["model", "dataset", "norm", "eps"], registry=r)
+        self.execution_provider = Gauge("advex_model_execution_provider",
+                                        "1 for the onnxruntime execution provider that runs each ONNX model",
+                                        ["model", "provider"], registry=r)
         self.gpu_memory.set_function(_gpu_memory)
 
     def serve(self, port: int, host: str = "127.0.0.1"):

@@ -21,15 +21,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from advex.engine import data as data_mod
 from advex.engine.data import ArrayDataset, DataError, TsiprasParams
-from advex.engine.loaders import ModelLoadError, check_model, load_model, save_safetensors
+from advex.engine.loaders import ModelLoadError, check_model, load_model, safetensors_bytes
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.zoo import ARCHITECTURES
 from advex.service.errors import ServiceError, invalid, not_found, precondition
 from advex.service.store import Store
 from advex.v1 import resources_pb2 as res
 
-FORMAT_NAMES = {res.SAFETENSORS: "safetensors", res.TORCHSCRIPT: "torchscript", res.TORCH_EXPORT: "torch_export"}
-FORMAT_EXT = {res.SAFETENSORS: ".safetensors", res.TORCHSCRIPT: ".pt", res.TORCH_EXPORT: ".pt2"}
+FORMAT_NAMES = {res.SAFETENSORS: "safetensors", res.TORCHSCRIPT: "torchscript", res.TORCH_EXPORT: "torch_export",
+                res.ONNX: "onnx"}
+FORMAT_EXT = {res.SAFETENSORS: ".safetensors", res.TORCHSCRIPT: ".pt", res.TORCH_EXPORT: ".pt2", res.ONNX: ".onnx"}
 TSIPRAS = "tsipras"
 
 
@@ -96,7 +97,13 @@ def model_info(spec: res.ModelSpec) -> ModelInfo:
 
 def validate_model_spec(spec: res.ModelSpec, field: str = "spec") -> None:
     if spec.format not in FORMAT_NAMES:
-        raise invalid(f"{field}.format", "required: SAFETENSORS, TORCHSCRIPT or TORCH_EXPORT")
+        raise invalid(f"{field}.format", "required: SAFETENSORS, TORCHSCRIPT, TORCH_EXPORT or ONNX")
+    if spec.layout not in ("", "NCHW", "NHWC"):
+        raise invalid(f"{field}.layout", f"must be NCHW or NHWC, got {spec.layout!r}")
+    if spec.value_range not in ("", "0-1", "0-255"):
+        raise invalid(f"{field}.value_range", f"must be '0-1' or '0-255', got {spec.value_range!r}")
+    if (spec.layout or spec.value_range) and spec.format != res.ONNX:
+        raise invalid(f"{field}.layout", "layout and value_range are declared for ONNX graphs only")
     if spec.format == res.SAFETENSORS and spec.architecture not in ARCHITECTURES:
         raise invalid(f"{field}.architecture", f"SAFETENSORS weights need a zoo architecture, one of {sorted(ARCHITECTURES)}")
     if spec.num_classes < 2:
@@ -138,7 +145,7 @@ class Registry:
         validate_model_spec(spec)
         info = model_info(spec)
         try:
-            model = load_model(file, FORMAT_NAMES[spec.format], info, "cpu")
+            model = load_model(file, FORMAT_NAMES[spec.format], info, "cpu", spec.layout, spec.value_range)
             check_model(model, "cpu")
         except ModelLoadError as exc:
             raise invalid("chunk", str(exc)) from exc
@@ -151,16 +158,31 @@ class Registry:
             spec.name = model_id
         record = res.Model(id=model_id, spec=spec, sha256=sha256, size_bytes=size, create_time=now(),
                            source=source, lineage_json=json.dumps(lineage or {}, sort_keys=True),
-                           has_features=model.has_features)
+                           has_features=model.has_features, has_gradients=model.has_gradients,
+                           execution_provider=self._provider(model))
         self.store.put_resource("models", model_id, str(dest), record)
         return record
 
+    def _provider(self, model: ModelWrapper) -> str:
+        """The execution provider an ONNX graph gets on this server's device ('' for torch)."""
+        if model.has_gradients:
+            return ""
+        import onnxruntime as ort
+
+        cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+
+    def register_bytes(self, spec: res.ModelSpec, data: bytes, *, source: str, lineage: dict) -> res.Model:
+        path = self.tmp_dir / f"model-{uuid.uuid4().hex}"
+        path.write_bytes(data)
+        try:
+            return self.register_model(spec, path, hashlib.sha256(data).hexdigest(), len(data), source=source,
+                                       lineage=lineage)
+        finally:
+            path.unlink(missing_ok=True)
+
     def save_trained(self, net: torch.nn.Module, spec: res.ModelSpec, source: str, lineage: dict) -> res.Model:
-        path = self.tmp_dir / f"trained-{uuid.uuid4().hex}"
-        save_safetensors(net, path)
-        data = path.read_bytes()
-        return self.register_model(spec, path, hashlib.sha256(data).hexdigest(), len(data),
-                                   source=source, lineage=lineage)
+        return self.register_bytes(spec, safetensors_bytes(net), source=source, lineage=lineage)
 
     def get_model(self, model_id: str, field: str = "model_id") -> res.Model:
         if not model_id:
@@ -175,7 +197,8 @@ class Registry:
         path = self.store.get_resource("models", model_id, res.Model)[1]
 
         def make() -> ModelWrapper:
-            return load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device)
+            return load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device,
+                              record.spec.layout, record.spec.value_range)
 
         with self._lock:
             return record, self._models.get_or(model_id, make)

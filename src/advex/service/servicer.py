@@ -3,6 +3,7 @@ and translate results. Every handler goes through ``_guard``: auth, metrics, and
 mapping of errors to precise gRPC statuses (a handler never kills the server)."""
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 from advex.engine import zoo
-from advex.engine.attacks import attack
+from advex.engine.attacks import GRADIENT_FREE, attack
 from advex.engine.builders import BuildConfig, build, summarize
 from advex.engine.evaluate import EvalReport, evaluate, gradient_masking_notes
 from advex.engine.models import ModelInfo, ModelWrapper
+from advex.engine.onnx_model import export_onnx
 from advex.engine.train import train
 from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
 from advex.service import convert
@@ -116,6 +118,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         x, y = convert.inline_batch(request, model, self.cfg)
         boxed = request.domain == res.IMAGE
         cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(x.shape[1:])), boxed)
+        _require_gradients(model, cfg.method, "attack.method")
 
         def work():
             _, wrapper = self.registry.load_model(model.id)
@@ -140,6 +143,12 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
         boxed = dataset.domain == res.IMAGE
         sweeps = convert.sweeps(request, self.cfg, int(np.prod(dataset.example_shape)), boxed)
+        skipped = []
+        if not model.has_gradients:  # a black box: only gradient-free attacks are possible
+            skipped = [(sw, f"model {model.id!r} is an ONNX graph without gradients: the white-box "
+                            f"{sw.config.method} attack cannot run; use method 'square' (black box) or "
+                            "TransferRate from a torch model") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
+            sweeps = [sw for sw in sweeps if sw.config.method in GRADIENT_FREE]
         batch_size = request.batch_size or 256
 
         def work(ctx: OpContext):
@@ -150,7 +159,11 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                               on_progress=lambda d, t, s: ctx.progress(d, t, "images", s))
             self.metrics.images.labels("evaluate").inc(report.num_examples + sum(r.clean_correct for r in report.rows))
             self._record_accuracy(model.id, dataset.id, report)
-            return "evaluate", self._evaluate_result(model, dataset.id, split, report, time.perf_counter() - t0)
+            result = self._evaluate_result(model, dataset.id, split, report, time.perf_counter() - t0)
+            for sweep, reason in skipped:
+                for cfg in sweep.configs():
+                    result.skipped.add(attack=convert.attack_spec(cfg), reason=reason)
+            return "evaluate", result
 
         return self.ops.submit("evaluate", request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
 
@@ -276,6 +289,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     def _build_inputs(self, request) -> tuple[res.Model, res.Dataset, str]:
         model, dataset, split = self._model_and_dataset(request, "train")
+        _require_gradients(model, "pgd", "model_id")
         n = min(request.limit or dataset.splits[split], dataset.splits[split])
         if n < 2:
             raise invalid("limit", "a dataset build needs at least 2 examples")
@@ -352,6 +366,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
         cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(dataset.example_shape)),
                                     dataset.domain == res.IMAGE)
+        for k, model_id in enumerate(request.source_model_ids):
+            _require_gradients(models[model_id], cfg.method, f"source_model_ids[{k}]")
         sources, targets = list(request.source_model_ids), list(request.target_model_ids)
 
         def work(ctx: OpContext):
@@ -430,9 +446,48 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     @_guard()
     async def UploadModel(self, request_iterator, context) -> res.Model:
-        return await self._receive_upload(
+        model = await self._receive_upload(
             request_iterator, "spec",
             lambda spec, path, sha, size: self.registry.register_model(spec, path, sha, size, source="upload"))
+        if model.execution_provider:
+            self.metrics.execution_provider.labels(model.id, model.execution_provider).set(1)
+        return model
+
+    @_guard()
+    async def ExportModel(self, request: res.ExportModelRequest, context) -> op_pb.Operation:
+        model, dataset, split = self._model_and_dataset(request, "test")
+        if not model.has_gradients:
+            raise precondition(f"model {model.id!r} is already an ONNX graph")
+
+        def work(ctx: OpContext):
+            t0 = time.perf_counter()
+            _, wrapper = self.registry.load_model(model.id)
+            ctx.progress(0, 2, "steps", "export to ONNX")
+            graph = export_onnx(copy.deepcopy(wrapper).cpu(), tuple(model.spec.input_shape))
+            spec = res.ModelSpec(name=request.name or f"{model.spec.name} (ONNX)", format=res.ONNX,
+                                 architecture=model.spec.architecture, num_classes=model.spec.num_classes,
+                                 input_shape=model.spec.input_shape, labels=model.spec.labels)
+            exported = self.registry.register_bytes(spec, graph, source=f"export:{ctx.operation_id}",
+                                                    lineage={"source_model_id": model.id,
+                                                             "source_model_sha256": model.sha256})
+            ctx.progress(1, 2, "steps", "agreement")
+            _, onnx_wrapper = self.registry.load_model(exported.id)
+            data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            same, worst = 0, 0.0
+            with torch.no_grad():
+                for x, _ in data.batches(256, self.device):
+                    a, b = wrapper.logits(x), onnx_wrapper.logits(x)
+                    same += int((a.argmax(1) == b.argmax(1)).sum())
+                    worst = max(worst, float((a - b).abs().max()))
+            ctx.progress(2, 2, "steps", "agreement")
+            self.metrics.execution_provider.labels(exported.id, exported.execution_provider).set(1)
+            return "export", results.ExportResult(
+                model_id=exported.id, source_model_id=model.id, model_sha256=exported.sha256, examples=len(data),
+                agreement_rate=same / len(data) if len(data) else 0.0, disagreements=len(data) - same,
+                max_abs_logit_difference=worst, execution_provider=exported.execution_provider,
+                wall_seconds=time.perf_counter() - t0)
+
+        return self.ops.submit("export", request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
 
     @_guard()
     async def GetModel(self, request, context):
@@ -497,6 +552,12 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         self.ops.ensure_unused(("dataset", request.dataset_id))
         self.registry.delete_dataset(request.dataset_id)
         return res.DeleteDatasetResponse()
+
+
+def _require_gradients(model: res.Model, method: str, field: str) -> None:
+    if not model.has_gradients and method not in GRADIENT_FREE:
+        raise precondition(f"{field}: model {model.id!r} is an ONNX graph without gradients; the {method!r} attack "
+                           "needs them: use method 'square' (black box)")
 
 
 def _jsonable(d: dict) -> dict:

@@ -16,6 +16,7 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAFETENSORS: _ClassVar[ModelFormat]
     TORCHSCRIPT: _ClassVar[ModelFormat]
     TORCH_EXPORT: _ClassVar[ModelFormat]
+    ONNX: _ClassVar[ModelFormat]
 
 class Domain(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,11 +26,12 @@ MODEL_FORMAT_UNSPECIFIED: ModelFormat
 SAFETENSORS: ModelFormat
 TORCHSCRIPT: ModelFormat
 TORCH_EXPORT: ModelFormat
+ONNX: ModelFormat
 IMAGE: Domain
 REAL: Domain
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "format", "architecture", "num_classes", "input_shape", "mean", "std", "labels", "arch_args")
+    __slots__ = ("name", "format", "architecture", "num_classes", "input_shape", "mean", "std", "labels", "arch_args", "layout", "value_range")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +55,8 @@ class ModelSpec(_message.Message):
     STD_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ARCH_ARGS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: ModelFormat
     architecture: str
@@ -62,10 +66,12 @@ class ModelSpec(_message.Message):
     std: _containers.RepeatedScalarFieldContainer[float]
     labels: _containers.ScalarMap[str, str]
     arch_args: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., architecture: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., arch_args: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    layout: str
+    value_range: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., architecture: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., arch_args: _Optional[_Mapping[str, str]] = ..., layout: _Optional[str] = ..., value_range: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "spec", "sha256", "size_bytes", "create_time", "source", "lineage_json", "has_features")
+    __slots__ = ("id", "spec", "sha256", "size_bytes", "create_time", "source", "lineage_json", "has_features", "has_gradients", "execution_provider")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +80,8 @@ class Model(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_JSON_FIELD_NUMBER: _ClassVar[int]
     HAS_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    HAS_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: ModelSpec
     sha256: str
@@ -82,7 +90,23 @@ class Model(_message.Message):
     source: str
     lineage_json: str
     has_features: bool
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., lineage_json: _Optional[str] = ..., has_features: _Optional[bool] = ...) -> None: ...
+    has_gradients: bool
+    execution_provider: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., lineage_json: _Optional[str] = ..., has_features: _Optional[bool] = ..., has_gradients: _Optional[bool] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+
+class ExportModelRequest(_message.Message):
+    __slots__ = ("model_id", "dataset_id", "split", "limit", "name")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dataset_id: str
+    split: str
+    limit: int
+    name: str
+    def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class UploadModelRequest(_message.Message):
     __slots__ = ("spec", "chunk")

@@ -218,3 +218,25 @@ class TransferRateResult(_message.Message):
     wall_seconds: float
     device: str
     def __init__(self, definition: _Optional[str] = ..., attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., pairs: _Optional[_Iterable[_Union[TransferPair, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class ExportResult(_message.Message):
+    __slots__ = ("model_id", "source_model_id", "model_sha256", "examples", "agreement_rate", "disagreements", "max_abs_logit_difference", "execution_provider", "wall_seconds")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_RATE_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_LOGIT_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    source_model_id: str
+    model_sha256: str
+    examples: int
+    agreement_rate: float
+    disagreements: int
+    max_abs_logit_difference: float
+    execution_provider: str
+    wall_seconds: float
+    def __init__(self, model_id: _Optional[str] = ..., source_model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., examples: _Optional[int] = ..., agreement_rate: _Optional[float] = ..., disagreements: _Optional[int] = ..., max_abs_logit_difference: _Optional[float] = ..., execution_provider: _Optional[str] = ..., wall_seconds: _Optional[float] = ...) -> None: ...

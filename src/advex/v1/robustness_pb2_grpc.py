@@ -112,6 +112,11 @@ class RobustnessStub:
                 request_serializer=advex_dot_v1_dot_resources__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=advex_dot_v1_dot_resources__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.ExportModel = channel.unary_unary(
+                '/advex.v1.Robustness/ExportModel',
+                request_serializer=advex_dot_v1_dot_resources__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/advex.v1.Robustness/UploadDataset',
                 request_serializer=advex_dot_v1_dot_resources__pb2.UploadDatasetRequest.SerializeToString,
@@ -241,6 +246,13 @@ class RobustnessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportModel(self, request, context):
+        """Export a torch model to ONNX, register the export, and report prediction agreement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -349,6 +361,11 @@ def add_RobustnessServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=advex_dot_v1_dot_resources__pb2.DeleteModelRequest.FromString,
                     response_serializer=advex_dot_v1_dot_resources__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=advex_dot_v1_dot_resources__pb2.ExportModelRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
@@ -782,6 +799,33 @@ class Robustness:
             '/advex.v1.Robustness/DeleteModel',
             advex_dot_v1_dot_resources__pb2.DeleteModelRequest.SerializeToString,
             advex_dot_v1_dot_resources__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/ExportModel',
+            advex_dot_v1_dot_resources__pb2.ExportModelRequest.SerializeToString,
+            advex_dot_v1_dot_operation__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,76 @@
+"""ONNX models through onnxruntime: outputs, no gradients.
+
+`OnnxNet` is a torch module around an InferenceSession (the CUDA provider when the engine runs on
+a GPU and onnxruntime has it, else the CPU provider). It takes what every advex model takes,
+float32 NCHW in [0,1] (normalized by the wrapper when mean/std were declared), and converts to
+the graph's declared layout and value range. The graph's input is checked against the
+declaration when the model is loaded.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+LAYOUTS = ("NCHW", "NHWC")
+VALUE_RANGES = ("0-1", "0-255")
+
+
+class OnnxNet(nn.Module):
+    has_gradients = False
+
+    def __init__(self, source: str | Path | bytes, input_shape: tuple[int, ...], layout: str = "NCHW",
+                 value_range: str = "0-1", device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if value_range not in VALUE_RANGES:
+            raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
+        want_cuda = torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
+                                            sess_options=options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"the graph has {len(inputs)} inputs; advex needs exactly one (the batch of images)")
+        self.input_name = inputs[0].name
+        self.layout, self.value_range = layout, value_range
+        declared = list(input_shape)
+        if layout == "NHWC" and len(declared) == 3:
+            declared = [declared[1], declared[2], declared[0]]
+        graph = list(inputs[0].shape)[1:]
+        if len(graph) != len(declared) or any(isinstance(g, int) and g != d for g, d in zip(graph, declared)):
+            raise ValueError(f"the graph's input {inputs[0].name!r} has shape {list(inputs[0].shape)}, but the declared "
+                             f"input_shape {list(input_shape)} in layout {layout} means [batch, {', '.join(map(str, declared))}]")
+        if "float" not in inputs[0].type:
+            raise ValueError(f"the graph's input is {inputs[0].type}; advex feeds float32")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.detach()
+        if self.layout == "NHWC" and v.dim() == 4:
+            v = v.permute(0, 2, 3, 1)
+        if self.value_range == "0-255":
+            v = v * 255.0
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(v.cpu().numpy(), dtype=np.float32)})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """An ONNX graph of `model` (the whole wrapper, normalization included: it takes NCHW in
+    [0,1]) with a dynamic batch dimension, through torch.onnx's exporter."""
+    model = model.eval().cpu()
+    example = torch.rand((2, *input_shape))
+    batch = torch.export.Dim("batch", min=1)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (example,), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False, external_data=False)
+        return path.read_bytes()
