@@ -38,3 +38,17 @@ def test_tiny_preset_writes_a_complete_report(tmp_path):
     assert fig.size[0] > 600 and samples.size[1] > 5 * 28  # five rows of 28-pixel images
     assert np.asarray(samples).std() > 0
     assert any("Reductions" in line for line in lines)
+
+
+def test_tiny_transfer_experiment_reports_every_architecture(tmp_path):
+    roots = require_builtin("fashion-mnist")
+    with InProcessServer(data_dir=str(tmp_path / "d"), data_roots=roots) as srv, Client(srv.target) as c:
+        summary = reproduce.run_transfer(c, reproduce.TRANSFER_PRESETS["tiny"], tmp_path / "t", log=lambda s: None)
+    rows = summary["rows"]
+    assert [r["architecture"] for r in rows] == list(reproduce.TRANSFER_PRESETS["tiny"].architectures)
+    for r in rows:
+        assert 0 <= r["transfer_rate"] <= 1 and 0 <= r["d_det_accuracy"] <= 1
+        assert r["transferred"] <= r["successful_on_source"]
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "Pearson r" in report and all(f"| {r['architecture']} |" in report for r in rows)
+    assert Image.open(tmp_path / "t" / "transfer_vs_d_det.png").size == (640, 460)

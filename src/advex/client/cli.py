@@ -102,12 +102,16 @@ def cmd_reproduce(args) -> int:
 
     from advex.client import reproduce
 
-    preset = reproduce.PRESETS[args.preset]
-    if args.arch:
-        preset.arch, preset.arch_args = args.arch, {}
     client = _ready_client(args)
     if client is None:
         return 2
+    if args.experiment == "transfer":
+        preset = reproduce.TRANSFER_PRESETS[args.preset]
+        reproduce.run_transfer(client, preset, Path(args.out or f"reproduce-transfer-{preset.name}"))
+        return 0
+    preset = reproduce.PRESETS[args.preset]
+    if args.arch:
+        preset.arch, preset.arch_args = args.arch, {}
     reproduce.run(client, preset, Path(args.out or f"reproduce-{preset.name}"))
     return 0
 
@@ -304,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     rp = sub.add_parser("reproduce", help="Ilyas et al. (2019) end to end through the service, with a report")
+    rp.add_argument("experiment", nargs="?", default="datasets", choices=["datasets", "transfer"],
+                    help="datasets: D, D_R, D_NR, D_rand, D_det (§3.1-3.2); transfer: transferability vs D_det (§3.3)")
     rp.add_argument("--preset", default="small", choices=["tiny", "small", "cifar10"],
                     help="small: Fashion-MNIST on 2 CPU cores in ~20 min; cifar10: the paper's settings, for a GPU; "
                          "tiny: a one-minute smoke test")

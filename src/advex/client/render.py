@@ -105,3 +105,56 @@ def bar_chart(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def scatter(points: Sequence[tuple[str, float, float]], path: str | Path, *, xlabel: str, ylabel: str,
+            title: str = "", note: str = "") -> Path:
+    """Labelled points (label, x, y) with x and y in [0,1], a least-squares line, and a note."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width, height, left, bottom, top, right = 640, 460, 70, 70, 40, 30
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    pw, ph = width - left - right, height - top - bottom
+    xs = np.array([p[1] for p in points], dtype=float)
+    ys = np.array([p[2] for p in points], dtype=float)
+    lo_x, hi_x = _span(xs)
+    lo_y, hi_y = _span(ys)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return left + pw * (x - lo_x) / (hi_x - lo_x), top + ph - ph * (y - lo_y) / (hi_y - lo_y)
+
+    d.text((left, 10), title, fill="black", font=font)
+    for k in range(6):  # grid and tick labels
+        gx, gy = lo_x + (hi_x - lo_x) * k / 5, lo_y + (hi_y - lo_y) * k / 5
+        px, _ = to_px(gx, lo_y)
+        _, py = to_px(lo_x, gy)
+        d.line([(px, top), (px, top + ph)], fill=(230, 230, 230))
+        d.line([(left, py), (left + pw, py)], fill=(230, 230, 230))
+        d.text((px - 12, top + ph + 6), f"{100 * gx:.0f}%", fill="black", font=font)
+        d.text((8, py - 6), f"{100 * gy:.0f}%", fill="black", font=font)
+    if len(points) >= 2 and xs.std() > 0:
+        slope, intercept = np.polyfit(xs, ys, 1)
+        d.line([to_px(lo_x, slope * lo_x + intercept), to_px(hi_x, slope * hi_x + intercept)],
+               fill=(200, 120, 60), width=2)
+    for label, x, y in points:
+        px, py = to_px(x, y)
+        d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=(70, 110, 180))
+        d.text((px + 8, py - 6), label, fill="black", font=font)
+    d.text((left + pw // 2 - 80, height - bottom + 26), xlabel, fill="black", font=font)
+    d.text((left, height - 22), note, fill="black", font=font)
+    side = Image.new("RGB", (ph, 14), "white")
+    ImageDraw.Draw(side).text((ph // 2 - 80, 0), ylabel, fill="black", font=font)
+    img.paste(side.rotate(90, expand=True), (44, top))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _span(v: np.ndarray) -> tuple[float, float]:
+    """An axis range in [0,1] around the values, padded (never empty: pad >= 0.05)."""
+    lo, hi = float(v.min()), float(v.max())
+    pad = max(0.05, 0.1 * (hi - lo))
+    return max(0.0, lo - pad), min(1.0, hi + pad)

@@ -227,3 +227,154 @@ def _write_report(client: Client, p: Preset, rows: list[Row], built: dict, out: 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+# ---------------------------------------------------------------- §3.3: transferability
+
+PAPER_TRANSFER_CLAIM = (
+    "Ilyas et al. §3.3 (Figure 3): adversarial examples crafted on a ResNet-50 transfer to other "
+    "architectures (VGG-16, Inception-v3, DenseNet, ResNet-18, ResNet-50) at rates that track how well each "
+    "architecture learns from the ResNet-50's D_det: the better an architecture generalizes from D_det's "
+    "non-robust features to the original test set, the more often those adversarial examples fool it.")
+
+
+@dataclass
+class TransferPreset:
+    name: str
+    dataset: str
+    source_arch: str
+    source_args: dict
+    architectures: dict          # name -> (arch, arch_args)
+    train_limit: int
+    build_limit: int
+    test_limit: int
+    train: dict
+    relabel_attack: dict         # D_det
+    transfer_attack: dict        # crafted once on the source
+    new_set_train: dict
+    mean: tuple = ()
+    std: tuple = ()
+    reductions: list = field(default_factory=list)
+
+
+TRANSFER_PRESETS = {
+    "tiny": TransferPreset(
+        name="tiny", dataset="fashion-mnist", source_arch="small_cnn", source_args={"width": 8},
+        architectures={"small_cnn": ("small_cnn", {"width": 8}), "mlp": ("mlp", {"hidden": 64}),
+                       "linear": ("linear", {})},
+        train_limit=600, build_limit=300, test_limit=200,
+        train=dict(epochs=1, batch_size=64, lr=0.05, schedule="cosine"),
+        relabel_attack=dict(norm="L2", eps=2.0, steps=10, step_size=0.4),
+        transfer_attack=dict(norm="L2", eps=2.0, steps=10),
+        new_set_train=dict(epochs=2, batch_size=64, lr=0.05, schedule="cosine"),
+        reductions=["smoke-test scale; the numbers are not a reproduction"]),
+    "small": TransferPreset(
+        name="small", dataset="fashion-mnist", source_arch="small_cnn", source_args={"width": 16},
+        architectures={"small_cnn": ("small_cnn", {"width": 16}), "resnet18": ("resnet18", {}),
+                       "mlp": ("mlp", {"hidden": 256}), "linear": ("linear", {})},
+        train_limit=5000, build_limit=2000, test_limit=1000,
+        train=dict(epochs=3, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+        relabel_attack=dict(norm="L2", eps=2.0, steps=50, step_size=0.1),
+        transfer_attack=dict(norm="L2", eps=2.0, steps=20),
+        new_set_train=dict(epochs=8, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+        reductions=[
+            "Fashion-MNIST instead of CIFAR-10; the source is a small CNN (width 16) instead of a ResNet-50",
+            "architectures: small CNN (another seed), ResNet-18 (CIFAR stem), a one-hidden-layer MLP and a linear "
+            "model: four families instead of the paper's five ImageNet-class networks",
+            "5,000 training images for the models on D, 2,000 turned into D_det, 1,000 test images",
+            "D_det: L2 eps 2.0 (Fashion-MNIST models are robust to 0.5), 50 steps of 0.1",
+            "transfer attack: untargeted PGD-20 at L2 eps 2.0 on the source, reused for every target"]),
+    "cifar10": TransferPreset(
+        name="cifar10", dataset="cifar10", source_arch="resnet50", source_args={},
+        architectures={"resnet18": ("resnet18", {}), "resnet50": ("resnet50", {}), "small_cnn": ("small_cnn", {}),
+                       "mlp": ("mlp", {"hidden": 1024})},
+        train_limit=0, build_limit=0, test_limit=10000, train=PAPER_TRAIN,
+        relabel_attack=dict(norm="L2", eps=0.5, steps=100, step_size=0.1),
+        transfer_attack=dict(norm="L2", eps=0.5, steps=20),
+        new_set_train=PAPER_TRAIN, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        reductions=["four families from the zoo (VGG, Inception and DenseNet are not in the zoo)"]),
+}
+
+
+@dataclass
+class TransferRow:
+    architecture: str
+    model_on_d: str
+    model_on_d_det: str
+    clean_accuracy_on_d: float = 0.0
+    d_det_accuracy: float = 0.0       # standard accuracy on the original test set after training on D_det
+    transfer_rate: float = 0.0
+    unconditional_rate: float = 0.0
+    successful_on_source: int = 0
+    transferred: int = 0
+
+
+def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[str], None] = print) -> dict:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    d = p.dataset
+    log(f"advex reproduce transfer — preset {p.name!r}: {d}, source {p.source_arch}. Reductions:")
+    for r in p.reductions:
+        log(f"  - {r}")
+
+    def train(arch: str, args: dict, dataset_id: str, settings: dict, limit: int, name: str, seed: int) -> str:
+        return client.train(arch, dataset_id, limit=limit, name=name, arch_args=args, mean=p.mean, std=p.std,
+                            seed=seed, **settings).result().model_id
+
+    log("\n[1/4] Train the source model on D and build its D_det")
+    source = train(p.source_arch, p.source_args, d, p.train, p.train_limit, "transfer source", 0)
+    d_det = client.build_nonrobust_dataset("d_det", source, d, limit=p.build_limit, attack=p.relabel_attack,
+                                           name="D_det of the transfer source").result()
+    log(f"      D_det target-hit rate {d_det.target_hit_rate:.1%}")
+
+    log("\n[2/4] Train every architecture on D and on D_det")
+    rows = []
+    for k, (name, (arch, args)) in enumerate(p.architectures.items()):
+        on_d = train(arch, args, d, p.train, p.train_limit, f"{name} on D", 100 + k)
+        on_det = train(arch, args, d_det.dataset_id, p.new_set_train, 0, f"{name} on D_det", 200 + k)
+        rows.append(TransferRow(name, on_d, on_det))
+
+    log("\n[3/4] Accuracy on the original test set")
+    for row in rows:
+        for model_id, attr in ((row.model_on_d, "clean_accuracy_on_d"), (row.model_on_d_det, "d_det_accuracy")):
+            ev = client.evaluate(model_id, d, split="test", limit=p.test_limit).result()
+            setattr(row, attr, ev.clean_accuracy)
+
+    log("\n[4/4] Transfer from the source to each architecture (trained on D)")
+    attack = dict(p.transfer_attack)
+    tr = client.transfer_rate([source], [r.model_on_d for r in rows], d, split="test", limit=p.test_limit,
+                              norm=attack.pop("norm"), eps=attack.pop("eps"), **attack).result()
+    for row, pair in zip(rows, tr.pairs):
+        row.transfer_rate, row.unconditional_rate = pair.transfer_rate, pair.unconditional_rate
+        row.successful_on_source, row.transferred = pair.successful_on_source, pair.transferred
+
+    xs = np.array([r.transfer_rate for r in rows])
+    ys = np.array([r.d_det_accuracy for r in rows])
+    corr = float(np.corrcoef(xs, ys)[0, 1]) if len(rows) > 2 and xs.std() > 0 and ys.std() > 0 else float("nan")
+    from advex.client.render import scatter
+
+    scatter([(r.architecture, r.transfer_rate, r.d_det_accuracy) for r in rows], out / "transfer_vs_d_det.png",
+            xlabel="transfer rate from the source", ylabel="test accuracy after training on D_det",
+            title=f"advex reproduce transfer ({p.name}): {len(rows)} architectures, source {p.source_arch}",
+            note=f"Pearson r = {corr:.2f} over {len(rows)} architectures")
+    wall = time.perf_counter() - t0
+    headers = ["architecture", "acc. on D", "acc. after D_det", "transfer rate", "unconditional", "transferred"]
+    cells = [[r.architecture, f"{r.clean_accuracy_on_d:.1%}", f"{r.d_det_accuracy:.1%}", f"{r.transfer_rate:.1%}",
+              f"{r.unconditional_rate:.1%}", f"{r.transferred}/{r.successful_on_source}"] for r in rows]
+    summary = {"preset": asdict(p), "rows": [asdict(r) for r in rows], "pearson_r": corr,
+               "d_det": {"dataset_id": d_det.dataset_id, "target_hit_rate": d_det.target_hit_rate},
+               "source_model_id": source, "definition": tr.definition, "wall_seconds": wall}
+    (out / "transfer.json").write_text(json.dumps(summary, indent=2, default=str))
+    lines = [f"# Transferability and D_det (Ilyas et al. §3.3) through advex — preset `{p.name}`", "",
+             PAPER_TRANSFER_CLAIM, "",
+             f"Here: source **{p.source_arch}** {p.source_args or ''} on **{d}**; D_det target-hit rate "
+             f"{d_det.target_hit_rate:.1%}; wall time {wall / 60:.1f} min. **Pearson r = {corr:.2f}** between the "
+             f"transfer rate and the accuracy after training on D_det, over {len(rows)} architectures.", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    lines += ["", "![transfer vs D_det](transfer_vs_d_det.png)", "", "## Definitions", "", tr.definition, "",
+              "## Reductions", ""] + [f"- {r}" for r in p.reductions]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    log("\n" + table(headers, cells))
+    log(f"\nPearson r = {corr:.2f}. Report: {out / 'report.md'} ({wall:.0f} s)")
+    return summary
