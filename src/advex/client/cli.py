@@ -47,15 +47,24 @@ def _print_json(message) -> None:
     print(json_format.MessageToJson(message, preserving_proto_field_name=True))
 
 
-def _finish(op: Operation, wait: bool) -> int:
+def _wait_result(op: Operation, wait: bool):
+    """(result, None) once the operation succeeded; (None, exit code) when not waiting (its id is
+    printed) or when it failed (the error is printed)."""
     if not wait:
         print(op.id)
-        return 0
+        return None, 0
     try:
-        _print_json(op.result())
+        return op.result(), None
     except OperationError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return None, 1
+
+
+def _finish(op: Operation, wait: bool) -> int:
+    result, code = _wait_result(op, wait)
+    if result is None:
+        return code
+    _print_json(result)
     return 0
 
 
@@ -132,14 +141,9 @@ def cmd_evaluate(args) -> int:
     attacks = args.attack or []
     op = _client(args).evaluate(args.model, args.dataset, split=args.split, limit=args.limit, attacks=attacks,
                                 batch_size=args.batch_size)
-    if not args.wait:
-        print(op.id)
-        return 0
-    try:
-        result = op.result()
-    except OperationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result, code = _wait_result(op, args.wait)
+    if result is None:
+        return code
     if args.json:
         _print_json(result)
         return 0
@@ -184,14 +188,9 @@ def cmd_transfer(args) -> int:
     op = _client(args).transfer_rate(args.source, args.target, args.dataset, norm=args.norm, eps=args.eps,
                                      steps=args.steps, targeted=args.targeted, split=args.split, limit=args.limit,
                                      seed=args.seed)
-    if not args.wait:
-        print(op.id)
-        return 0
-    try:
-        result = op.result()
-    except OperationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result, code = _wait_result(op, args.wait)
+    if result is None:
+        return code
     print(table(["source", "target", "white-box", "transfer rate", "unconditional", "successes", "transferred"],
                 [[p.source_model_id, p.target_model_id, f"{p.white_box_success_rate:.1%}", f"{p.transfer_rate:.1%}",
                   f"{p.unconditional_rate:.1%}", p.successful_on_source, p.transferred] for p in result.pairs]))

@@ -131,13 +131,18 @@ def _diagnostics(result) -> dict:
     return {k: round(getattr(result, k), 4) for k in keys} | {"wall_seconds": round(result.wall_seconds, 1)}
 
 
-def run(client: Client, p: Preset, out: Path, log: Callable[[str], None] = print) -> list[Row]:
-    t0 = time.perf_counter()
+def _start(out: Path, log: Callable[[str], None], headline: str, reductions: list) -> float:
+    """Make the report folder and say what runs and how it departs from the paper."""
     out.mkdir(parents=True, exist_ok=True)
-    d = p.dataset
-    log(f"advex reproduce — preset {p.name!r}: {p.dataset}, {p.arch}. Reductions from the paper:")
-    for r in p.reductions:
+    log(headline + " Reductions from the paper:")
+    for r in reductions:
         log(f"  - {r}")
+    return time.perf_counter()
+
+
+def run(client: Client, p: Preset, out: Path, log: Callable[[str], None] = print) -> list[Row]:
+    t0 = _start(out, log, f"advex reproduce — preset {p.name!r}: {p.dataset}, {p.arch}.", p.reductions)
+    d = p.dataset
 
     log("\n[1/4] Train a standard and an adversarially trained model on D")
     std_id = _train(client, p, d, "D standard", p.train, p.train_limit)
@@ -310,12 +315,9 @@ class TransferRow:
 
 
 def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[str], None] = print) -> dict:
-    t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    t0 = _start(out, log, f"advex reproduce transfer — preset {p.name!r}: {p.dataset}, source {p.source_arch}.",
+                p.reductions)
     d = p.dataset
-    log(f"advex reproduce transfer — preset {p.name!r}: {d}, source {p.source_arch}. Reductions:")
-    for r in p.reductions:
-        log(f"  - {r}")
 
     def train(arch: str, args: dict, dataset_id: str, settings: dict, limit: int, name: str, seed: int) -> str:
         return client.train(arch, dataset_id, limit=limit, name=name, arch_args=args, mean=p.mean, std=p.std,
