@@ -3,7 +3,6 @@ Debian's Fashion-MNIST: loaders are exact, and a small CNN trained briefly reach
 clean accuracy while robust accuracy falls monotonically with eps."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -2,13 +2,11 @@
 Prometheus endpoint's content, and the CLI."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np

@@ -3,7 +3,6 @@ Everything but `serve` (and `demo --in-process`) talks to a server through the S
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional

@@ -189,11 +189,11 @@ def _table(rows: list[Row], p: Preset) -> str:
 
 
 def _write_report(client: Client, p: Preset, rows: list[Row], built: dict, out: Path, wall: float) -> None:
-    chart = bar_chart([r.training_set.replace(" (", "\n(") for r in rows],
-                      [("standard accuracy", [r.clean for r in rows], (70, 110, 180)),
-                       ("robust accuracy (L2 eps 0.25)", [r.robust_025 for r in rows], (230, 150, 60))],
-                      out / "figure2.png", title=f"advex reproduce ({p.name}): accuracy on the original test set",
-                      reference=[[PAPER[r.training_set][0] for r in rows], [PAPER[r.training_set][1] for r in rows]])
+    bar_chart([r.training_set.replace(" (", "\n(") for r in rows],
+              [("standard accuracy", [r.clean for r in rows], (70, 110, 180)),
+               ("robust accuracy (L2 eps 0.25)", [r.robust_025 for r in rows], (230, 150, 60))],
+              out / "figure2.png", title=f"advex reproduce ({p.name}): accuracy on the original test set",
+              reference=[[PAPER[r.training_set][0] for r in rows], [PAPER[r.training_set][1] for r in rows]])
     n = 8
     x, y = client.download_dataset(p.dataset, limit=n)
     names = list(client.get_dataset(p.dataset).class_names) or [str(i) for i in range(10)]

@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def _default_data_roots() -> list[str]:

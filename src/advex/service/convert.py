@@ -3,8 +3,6 @@ Every error names the offending field (INVALID_ARGUMENT)."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import Optional
 
 import numpy as np
 

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import grpc
 import torch
