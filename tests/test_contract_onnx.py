@@ -114,3 +114,20 @@ def test_declared_layout_and_range_are_honoured_and_checked(env, tmp_path):
         c.upload_model(split, format="onnx", num_classes=10, input_shape=[1, 12, 12], layout="NHWC",
                        value_range="0-255")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "external_data=False" in info.value.details()
+
+
+def test_transfer_attacks_through_a_surrogate_match_the_source_exactly(env, exported):
+    """The export computes what its source computes: PGD crafted on the source and judged on the
+    export must give exactly the source's own white-box robust accuracy."""
+    c, _, torch_model, ds, _ = env
+    sweep = [{"norm": "L2", "eps": [2.0, 4.0], "steps": 10}]
+    white = c.evaluate(torch_model.id, ds.id, attacks=sweep).result(timeout=120, progress=False)
+    transfer = c.evaluate(exported.model_id, ds.id, attacks=sweep, surrogate_model_id=torch_model.id) \
+        .result(timeout=120, progress=False)
+    assert not transfer.skipped and [r.crafted_on_model_id for r in transfer.robust] == [torch_model.id] * 2
+    assert [r.robust_correct for r in transfer.robust] == [r.robust_correct for r in white.robust]
+    assert white.robust[1].robust_correct < white.robust[1].total * white.clean_accuracy  # the attack does bite
+    with pytest.raises(grpc.RpcError) as info:  # a black box cannot be a surrogate
+        c.evaluate(exported.model_id, ds.id, attacks=sweep, surrogate_model_id=exported.model_id)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith("surrogate_model_id:")

@@ -205,10 +205,12 @@ class Client:
 
     # ------------------------------------------------------------------ Evaluate / Train
     def evaluate(self, model_id: str, dataset_id: str, *, attacks: Iterable[Mapping] = (), split: str = "",
-                 limit: int = 0, batch_size: int = 0) -> Operation:
-        """attacks: dicts like {"norm": "L2", "eps": [0.25, 0.5], "steps": 20, "method": "pgd"}."""
+                 limit: int = 0, batch_size: int = 0, surrogate_model_id: str = "") -> Operation:
+        """attacks: dicts like {"norm": "L2", "eps": [0.25, 0.5], "steps": 20, "method": "pgd"}.
+        surrogate_model_id: for a model without gradients (ONNX), craft white-box attacks on this
+        torch model and judge them on the evaluated one (transfer attacks)."""
         req = rpc.EvaluateRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, surrogate_model_id=surrogate_model_id)
         for a in attacks:
             a = dict(a)
             eps = a.pop("eps", [])

@@ -93,8 +93,11 @@ def clean_predictions(model: ModelWrapper, data: ArrayDataset, batch_size: int, 
 
 
 def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep], *, batch_size: int = 256,
-             device: torch.device | str = "cpu", on_progress: Optional[ProgressFn] = None) -> EvalReport:
+             device: torch.device | str = "cpu", on_progress: Optional[ProgressFn] = None,
+             surrogate: Optional[ModelWrapper] = None) -> EvalReport:
     """Clean accuracy, then every (attack, eps) of ``sweeps`` on the clean-correct examples.
+    surrogate: white-box attacks are crafted on it and judged on ``model`` (transfer attacks, for
+    models without gradients); gradient-free attacks always query ``model`` itself.
     on_progress(done, total, stage) counts images: the clean pass, then attacked images."""
     t_start = time.perf_counter()
     model.eval()
@@ -121,7 +124,14 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
             rows = idx_correct[start:start + batch_size]
             x = batch_float(data.x[rows]).to(device)
             y = data.y[rows].to(device)
-            out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True)
+            if surrogate is not None and cfg.method not in GRADIENT_FREE:
+                crafted = attack(surrogate.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box,
+                                 early_stop=True)
+                with torch.no_grad():
+                    fooled = model.logits(crafted.x_adv).argmax(1) != y
+                out = replace(crafted, success=fooled, queries=None)
+            else:
+                out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True)
             robust[rows] = ~out.success.cpu()
             if out.queries is not None:
                 queries += int(out.queries.sum())

@@ -135,13 +135,13 @@ def train_config(request: rpc.TrainRequest, cfg: ServerConfig, dim: int, boxed: 
     return tc
 
 
-def shapes_match(model: res.Model, dataset: res.Dataset) -> None:
+def shapes_match(model: res.Model, dataset: res.Dataset, field: str = "dataset_id") -> None:
     if list(model.spec.input_shape) != list(dataset.example_shape):
-        raise invalid("dataset_id", f"dataset {dataset.id!r} has examples of shape {list(dataset.example_shape)}, "
-                                    f"model {model.id!r} expects {list(model.spec.input_shape)}")
+        raise invalid(field, f"dataset {dataset.id!r} has examples of shape {list(dataset.example_shape)}, "
+                             f"model {model.id!r} expects {list(model.spec.input_shape)}")
     if dataset.num_classes > model.spec.num_classes:
-        raise invalid("dataset_id", f"dataset {dataset.id!r} has {dataset.num_classes} classes, "
-                                    f"model {model.id!r} only {model.spec.num_classes}")
+        raise invalid(field, f"dataset {dataset.id!r} has {dataset.num_classes} classes, "
+                             f"model {model.id!r} only {model.spec.num_classes}")
 
 
 def inversion_config(spec: rpc.InversionSpec, field: str, cfg: ServerConfig, boxed: bool) -> InversionConfig:

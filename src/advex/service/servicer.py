@@ -144,28 +144,39 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         boxed = dataset.domain == res.IMAGE
         sweeps = convert.sweeps(request, self.cfg, int(np.prod(dataset.example_shape)), boxed)
         skipped = []
-        if not model.has_gradients:  # a black box: only gradient-free attacks are possible
+        surrogate = None
+        if request.surrogate_model_id:
+            surrogate = self.registry.get_model(request.surrogate_model_id, "surrogate_model_id")
+            convert.shapes_match(surrogate, dataset, "surrogate_model_id")
+            _require_gradients(surrogate, "pgd", "surrogate_model_id")
+        if not model.has_gradients and surrogate is None:  # a black box: only gradient-free attacks
             skipped = [(sw, f"model {model.id!r} is an ONNX graph without gradients: the white-box "
-                            f"{sw.config.method} attack cannot run; use method 'square' (black box) or "
-                            "TransferRate from a torch model") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
+                            f"{sw.config.method} attack cannot run; use method 'square' (black box), or set "
+                            "surrogate_model_id to craft it on a torch model (transfer)") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
             sweeps = [sw for sw in sweeps if sw.config.method in GRADIENT_FREE]
         batch_size = request.batch_size or 256
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
             _, wrapper = self.registry.load_model(model.id)
+            crafter = self.registry.load_model(surrogate.id)[1] if surrogate is not None else None
             data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
             report = evaluate(wrapper, data, sweeps, batch_size=batch_size, device=self.device,
-                              on_progress=lambda d, t, s: ctx.progress(d, t, "images", s))
+                              on_progress=lambda d, t, s: ctx.progress(d, t, "images", s), surrogate=crafter)
             self.metrics.images.labels("evaluate").inc(report.num_examples + sum(r.clean_correct for r in report.rows))
             self._record_accuracy(model.id, dataset.id, report)
             result = self._evaluate_result(model, dataset.id, split, report, time.perf_counter() - t0)
+            if surrogate is not None:
+                for row in result.robust:
+                    if row.attack.method not in GRADIENT_FREE:
+                        row.crafted_on_model_id = surrogate.id
             for sweep, reason in skipped:
                 for cfg in sweep.configs():
                     result.skipped.add(attack=convert.attack_spec(cfg), reason=reason)
             return "evaluate", result
 
-        return self.ops.submit("evaluate", request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
+        used = {("model", model.id), ("dataset", dataset.id)} | ({("model", surrogate.id)} if surrogate else set())
+        return self.ops.submit("evaluate", request, work, frozenset(used))
 
     def _evaluate_result(self, model: res.Model, dataset_id: str, split: str, rep: EvalReport,
                          wall: float) -> results.EvaluateResult:

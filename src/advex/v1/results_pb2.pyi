@@ -40,7 +40,7 @@ class AttackSpec(_message.Message):
     def __init__(self, method: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., step_size: _Optional[float] = ..., steps: _Optional[int] = ..., random_start: _Optional[bool] = ..., restarts: _Optional[int] = ..., targeted: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RobustAccuracy(_message.Message):
-    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries")
+    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries", "crafted_on_model_id")
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class RobustAccuracy(_message.Message):
     PER_CLASS_ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEAN_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    CRAFTED_ON_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     attack: AttackSpec
     robust_accuracy: float
     robust_correct: int
@@ -57,7 +58,8 @@ class RobustAccuracy(_message.Message):
     per_class_robust_accuracy: _containers.RepeatedScalarFieldContainer[float]
     wall_seconds: float
     mean_queries: float
-    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ...) -> None: ...
+    crafted_on_model_id: str
+    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ..., crafted_on_model_id: _Optional[str] = ...) -> None: ...
 
 class SkippedAttack(_message.Message):
     __slots__ = ("attack", "reason")
