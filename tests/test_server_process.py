@@ -95,6 +95,8 @@ def test_cli_lists_trains_and_reports_errors(tmp_path, capsys):
         assert op_id.startswith("op-")
         assert cli_main(t + ["ops", "wait", op_id]) == 0
         assert '"model_id"' in capsys.readouterr().out
+        assert cli_main(t + ["models", "list"]) == 0
+        assert "safetensors" in capsys.readouterr().out  # the format by name, not enum number
         assert cli_main(t + ["models", "get", "m-missing"]) == 1
         assert "NOT_FOUND" in capsys.readouterr().err
         x = np.random.default_rng(0).random((2, 101), dtype=np.float32)

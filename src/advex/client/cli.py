@@ -12,6 +12,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from advex.client.render import table
+from advex.v1 import resources_pb2 as res
 from advex.client.sdk import Client, Operation, OperationError
 
 
@@ -201,7 +202,8 @@ def cmd_models(args) -> int:
     c = _client(args)
     if args.action == "list":
         print(table(["id", "name", "architecture", "format", "classes", "input", "source"],
-                    [[m.id, m.spec.name, m.spec.architecture or "-", m.spec.format, m.spec.num_classes,
+                    [[m.id, m.spec.name, m.spec.architecture or "-", res.ModelFormat.Name(m.spec.format).lower(),
+                      m.spec.num_classes,
                       "x".join(map(str, m.spec.input_shape)), m.source] for m in c.list_models()]))
     elif args.action == "get":
         _print_json(c.get_model(args.id))

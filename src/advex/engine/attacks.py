@@ -87,11 +87,13 @@ def attack(
     box: Box = (0.0, 1.0),
     early_stop: bool = False,
     on_step: Optional[StepCallback] = None,
+    clean_pred: Optional[torch.Tensor] = None,
 ) -> AttackOutput:
     """Adversarial examples for one batch.
 
     forward: maps float32 [N, ...] inputs in the box to logits [N, C].
     y: int64 [N], true labels (untargeted) or target classes (targeted).
+    clean_pred: the model's predictions on x when the caller already has them (saves a forward pass).
     """
     cfg = config.resolved()
     threat = make_threat_model(cfg.norm, cfg.eps, box)
@@ -100,7 +102,8 @@ def attack(
 
         res = square_attack(forward, x, y, norm=cfg.norm, eps=cfg.eps, queries=cfg.steps, targeted=cfg.targeted,
                             box=box, seed=cfg.seed, on_step=on_step)
-        clean_pred, adv_pred = predict(forward, x), predict(forward, res.x)
+        clean_pred = predict(forward, x) if clean_pred is None else clean_pred
+        adv_pred = predict(forward, res.x)
         success = adv_pred == y if cfg.targeted else adv_pred != y
         return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg, res.queries)
     objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
@@ -108,7 +111,7 @@ def attack(
     res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,
                    random_start=cfg.random_start, restarts=cfg.restarts, generator=gen,
                    early_stop=early_stop, on_step=on_step)
-    clean_pred = predict(forward, x)
+    clean_pred = predict(forward, x) if clean_pred is None else clean_pred
     adv_pred = predict(forward, res.x)
     success = adv_pred == y if cfg.targeted else adv_pred != y
     return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg)

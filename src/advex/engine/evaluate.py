@@ -126,12 +126,14 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
             y = data.y[rows].to(device)
             if surrogate is not None and cfg.method not in GRADIENT_FREE:
                 crafted = attack(surrogate.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box,
-                                 early_stop=True)
+                                 early_stop=True)  # the surrogate's clean predictions are not known here
                 with torch.no_grad():
                     fooled = model.logits(crafted.x_adv).argmax(1) != y
                 out = replace(crafted, success=fooled, queries=None)
             else:
-                out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True)
+                # only clean-correct examples are attacked: their clean prediction is y
+                out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True,
+                             clean_pred=y)
             robust[rows] = ~out.success.cpu()
             if out.queries is not None:
                 queries += int(out.queries.sum())

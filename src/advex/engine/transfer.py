@@ -79,7 +79,8 @@ def transfer_rates(sources: Sequence[ModelWrapper], targets: Sequence[ModelWrapp
             rows = slice(start, min(start + batch_size, n))
             x = batch_float(data.x[rows]).to(device)
             g = goal[rows].to(device)
-            out = attack(source.logits, x, g, replace(cfg, seed=cfg.seed + start), box=data.box)
+            out = attack(source.logits, x, g, replace(cfg, seed=cfg.seed + start), box=data.box,
+                         clean_pred=clean[id(source)][rows].to(device))
             if cfg.targeted:
                 success = out.success.cpu()
             else:
