@@ -101,7 +101,14 @@ def test_cli_lists_trains_and_reports_errors(tmp_path, capsys):
         assert "NOT_FOUND" in capsys.readouterr().err
         x = np.random.default_rng(0).random((2, 101), dtype=np.float32)
         np.savez(tmp_path / "batch.npz", x=x, y=np.array([0, 1]))
-        model_id = Client(srv.target).list_models()[0].id
+        np.savez(tmp_path / "up.npz", x=np.zeros((3, 4), np.float32), y=np.array([0, 1, 0]))
+        assert cli_main(t + ["datasets", "upload", str(tmp_path / "up.npz")]) == 0
+        ds_id = capsys.readouterr().out.strip()
+        assert Client(srv.target).get_dataset(ds_id).splits["train"] == 3  # upload defaults to train
+        assert cli_main(t + ["datasets", "download", ds_id, "--output", str(tmp_path / "down.npz")]) == 0
+        assert (tmp_path / "down.npz").read_bytes() == (tmp_path / "up.npz").read_bytes()  # stored bytes
+        capsys.readouterr()
+        model_id = next(m.id for m in Client(srv.target).list_models())
         # tsipras models take REAL features: an IMAGE-domain attack on values in [0,1] is still valid
         assert cli_main(t + ["attack", "--model", model_id, "--input", str(tmp_path / "batch.npz"), "--eps", "0.1",
                              "--output", str(tmp_path / "adv.npz")]) == 0

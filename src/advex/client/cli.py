@@ -237,12 +237,11 @@ def cmd_datasets(args) -> int:
         c.delete_dataset(args.id)
         print(f"deleted {args.id}")
     elif args.action == "upload":
-        d = c.upload_dataset(args.id, name=args.name, split=args.split, num_classes=args.num_classes)
+        d = c.upload_dataset(args.id, name=args.name, split=args.split or "train", num_classes=args.num_classes)
         print(d.id)
     elif args.action == "download":
         output = args.output or f"{args.id}.npz"
-        x, _ = c.download_dataset(args.id, split=args.split if args.split != "train" else "", path=output,
-                                  lossy_uint8=args.lossy_uint8)
+        x, _ = c.download_dataset(args.id, split=args.split, path=output, lossy_uint8=args.lossy_uint8)
         print(f"wrote {output} ({len(x)} examples, {x.dtype})")
     return 0
 
@@ -429,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--std", default="")
         if name == "datasets":
             r.add_argument("--name", default="")
-            r.add_argument("--split", default="train")
+            r.add_argument("--split", default="", help="upload: the split it holds (default train); "
+                                                        "download: which split (default: the only one, or train)")
             r.add_argument("--num-classes", type=int, default=0)
             r.add_argument("--output", default="", help="download: file to write (default <id>.npz)")
             r.add_argument("--lossy-uint8", action="store_true", help="download: round float32 images to uint8")
