@@ -20,8 +20,9 @@ def require_builtin(name: str) -> list[str]:
 
     roots = data_roots()
     if find_builtin(name, roots) is None:
-        msg = (f"built-in dataset {name!r} not found; set {DATA_ROOT_ENV} to a folder holding it "
-               f"(e.g. ../shared/data) or install Debian's dataset-fashion-mnist")
+        how = ("apt-get install dataset-fashion-mnist" if name == "fashion-mnist"
+               else f"set {DATA_ROOT_ENV} to a folder holding it (e.g. ../shared/data)")
+        msg = f"built-in dataset {name!r} not found: {how}"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
