@@ -4,7 +4,7 @@
 # client SDK, then stop the server gracefully (SIGTERM). Extra arguments go to `advex demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh server,demo
+bash scripts/setup.sh server,plot
 venv="${ADVEX_VENV:-.venv}"
 port="${ADVEX_PORT:-50051}"
 metrics_port="${ADVEX_METRICS_PORT:-9108}"

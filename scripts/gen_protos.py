@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate advex's Python protobuf/gRPC code from protos/.
 
-    python scripts/gen_protos.py          # write src/advex/v1/*_pb2*.py
+    python scripts/gen_protos.py          # write protos/advex/v1/*_pb2*.py
     python scripts/gen_protos.py --check  # exit 1 if the committed code drifted
 
 Needs grpcio-tools (the `dev` extra). The output is deterministic for a given
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-OUT_ROOT = ROOT / "src"
+OUT_ROOT = PROTO_ROOT  # the generated Python sits beside the .proto files (advex-protos)
 PACKAGE = Path("advex") / "v1"
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The tests: set up, check the generated protobuf code is current, run the suite.
+# The tests: set up, check the layer contracts and that the generated protobuf code is current,
+# run the suite.
 # Real-data tests read ADVEX_DATA_ROOT (default ../shared/data when it exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh server,demo,dev
+bash scripts/setup.sh server,plot,dev
 venv="${ADVEX_VENV:-.venv}"
 # torchattacks is the benchmark's peer (and a cross-check in the tests); --no-deps because its
 # declared requests pin drags in old packages. It needs only torch, scipy and tqdm.
@@ -13,6 +14,8 @@ venv="${ADVEX_VENV:-.venv}"
 if [ -z "${ADVEX_DATA_ROOT:-}" ] && [ -d ../shared/data ]; then
   export ADVEX_DATA_ROOT="$(cd ../shared/data && pwd)"
 fi
+echo "==> layer contracts (import-linter; pyproject.toml [tool.importlinter])"
+"$venv/bin/lint-imports" --no-cache
 echo "==> generated protobuf code"
 "$venv/bin/python" scripts/gen_protos.py --check
 echo "==> tests (ADVEX_DATA_ROOT=${ADVEX_DATA_ROOT:-unset})"

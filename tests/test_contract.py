@@ -16,7 +16,7 @@ from advex.engine.zoo import Linear, SmallCNN
 from advex.service.inprocess import InProcessServer
 from advex.v1 import resources_pb2 as res
 from advex.v1 import robustness_pb2 as rpc
-from advex.wire import from_tensor, to_tensor
+from advex.v1.wire import from_tensor, to_tensor
 
 from conftest import data_roots
 

@@ -70,22 +70,24 @@ def _finish(op: Operation, wait: bool) -> int:
 
 # ---------------------------------------------------------------- commands
 
-def cmd_serve(server_args: list[str]) -> int:
-    import asyncio
-    import logging
+def _server_plugin():
+    """advex.service.plugin through its entry point, or None when the server is not installed.
+    (The client never imports the service: the server registers itself as a plugin.)"""
+    from importlib.metadata import entry_points
 
-    try:
-        from advex.service import config as config_mod
-        from advex.service.server import serve
-    except ImportError as exc:
-        print(f"error: `advex serve` needs the server extra (pip install 'advex[server]'): {exc}", file=sys.stderr)
+    found = list(entry_points(group="advex.plugins", name="server"))
+    return found[0].load() if found else None
+
+
+SERVER_MISSING = "needs the server, which is not installed here: pip install 'advex[server]'"
+
+
+def cmd_serve(server_args: list[str]) -> int:
+    plugin = _server_plugin()
+    if plugin is None:
+        print(f"error: `advex serve` {SERVER_MISSING}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="advex serve", description="run the advex gRPC server")
-    config_mod.add_arguments(parser)
-    settings = parser.parse_args(server_args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config_mod.load(settings)))
-    return 0
+    return plugin.serve(server_args)
 
 
 def cmd_demo(args) -> int:
@@ -94,9 +96,11 @@ def cmd_demo(args) -> int:
     settings = demo.DemoSettings(dataset=args.dataset, train_limit=args.train_limit, epochs=args.epochs,
                                  eval_limit=args.eval_limit, steps=args.steps, out=args.out, seed=args.seed)
     if args.in_process:
-        from advex.service.inprocess import InProcessServer
-
-        with InProcessServer(data_dir=args.data_dir) as srv, Client(srv.target) as client:
+        plugin = _server_plugin()
+        if plugin is None:
+            print(f"error: `advex demo --in-process` {SERVER_MISSING}", file=sys.stderr)
+            return 2
+        with plugin.InProcessServer(data_dir=args.data_dir) as srv, Client(srv.target) as client:
             demo.run(client, settings)
         return 0
     client = _ready_client(args)

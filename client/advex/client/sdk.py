@@ -17,7 +17,7 @@ from advex.v1 import resources_pb2 as res
 from advex.v1 import results_pb2 as results
 from advex.v1 import robustness_pb2 as rpc
 from advex.v1 import robustness_pb2_grpc as rpc_grpc
-from advex.wire import from_tensor, to_tensor
+from advex.v1.wire import from_tensor, to_tensor
 
 CHUNK = 1 << 20
 NORMS = {"l2": results.L2, "linf": results.LINF}

@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from advex import idx
+from advex.engine import idx
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]

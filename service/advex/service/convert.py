@@ -15,7 +15,7 @@ from advex.service.errors import invalid
 from advex.v1 import resources_pb2 as res
 from advex.v1 import results_pb2 as results
 from advex.v1 import robustness_pb2 as rpc
-from advex.wire import WireError, from_tensor
+from advex.v1.wire import WireError, from_tensor
 
 NORM_NAMES = {results.L2: "L2", results.LINF: "Linf"}
 NORM_ENUM = {v: k for k, v in NORM_NAMES.items()}
