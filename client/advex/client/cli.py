@@ -3,21 +3,32 @@ Everything but `serve` (and `demo --in-process`) talks to a server through the S
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Optional
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 
-from advex.client.render import table
+from advex.client.render import fmt_rate, rate, table
+from advex.client.sdk import Client, Operation, OperationError, to_dict
 from advex.v1 import resources_pb2 as res
-from advex.client.sdk import Client, Operation, OperationError
+
+
+CONNECT_TIMEOUT = 5.0         # seconds a command waits for the server
+LONG_CONNECT_TIMEOUT = 60.0   # demo and reproduce: scripts start them right beside a starting server
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.replace(":", ",").split(",") if v]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: expected integers like 3,32,32, got {text!r}") from None
 
 
 def _attack_arg(text: str) -> dict:
@@ -44,7 +55,8 @@ def _attack_arg(text: str) -> dict:
 
 
 def _print_json(message) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    """JSON with numbers as numbers (protobuf's own JSON mapping prints int64 fields as strings)."""
+    print(json.dumps(to_dict(message), indent=2))
 
 
 def _wait_result(op: Operation, wait: bool):
@@ -90,9 +102,21 @@ def cmd_serve(server_args: list[str]) -> int:
     return plugin.serve(server_args)
 
 
+def _plots_missing(command: str) -> bool:
+    """Say which extra to install, before any work starts, when the figures cannot be drawn."""
+    from advex.client.plots import missing_plot_extra
+
+    missing = missing_plot_extra()
+    if missing:
+        print(f"error: `advex {command}` draws figures: {missing}", file=sys.stderr)
+    return bool(missing)
+
+
 def cmd_demo(args) -> int:
     from advex.client import demo
 
+    if _plots_missing("demo"):
+        return 2
     settings = demo.DemoSettings(dataset=args.dataset, train_limit=args.train_limit, epochs=args.epochs,
                                  eval_limit=args.eval_limit, steps=args.steps, out=args.out, seed=args.seed)
     if args.in_process:
@@ -115,6 +139,8 @@ def cmd_reproduce(args) -> int:
 
     from advex.client import reproduce
 
+    if _plots_missing("reproduce"):
+        return 2
     client = _ready_client(args)
     if client is None:
         return 2
@@ -189,15 +215,18 @@ def cmd_build_nonrobust(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    op = _client(args).transfer_rate(args.source, args.target, args.dataset, norm=args.norm, eps=args.eps,
+    op = _client(args).transfer_rate(args.source, args.targets, args.dataset, norm=args.norm, eps=args.eps,
                                      steps=args.steps, targeted=args.targeted, split=args.split, limit=args.limit,
                                      seed=args.seed)
     result, code = _wait_result(op, args.wait)
     if result is None:
         return code
     print(table(["source", "target", "white-box", "transfer rate", "unconditional", "successes", "transferred"],
-                [[p.source_model_id, p.target_model_id, f"{p.white_box_success_rate:.1%}", f"{p.transfer_rate:.1%}",
-                  f"{p.unconditional_rate:.1%}", p.successful_on_source, p.transferred] for p in result.pairs]))
+                [[p.source_model_id, p.target_model_id,
+                  fmt_rate(rate(p.successful_on_source, p.examples if args.targeted else p.correct_on_source)),
+                  fmt_rate(rate(p.transferred, p.successful_on_source)),
+                  fmt_rate(rate(p.fooled_target, p.examples if args.targeted else p.correct_on_target)),
+                  p.successful_on_source, p.transferred] for p in result.pairs]))
     print(f"\n{result.definition}")
     return 0
 
@@ -216,7 +245,7 @@ def cmd_models(args) -> int:
         print(f"deleted {args.id}")
     elif args.action == "upload":
         m = c.upload_model(args.id, format=args.format, num_classes=args.num_classes,
-                           input_shape=[int(v) for v in args.input_shape.split(",")], architecture=args.arch,
+                           input_shape=_ints(args.input_shape), architecture=args.arch,
                            name=args.name, mean=_floats(args.mean) if args.mean else (),
                            std=_floats(args.std) if args.std else (), layout=args.layout,
                            value_range=args.value_range)
@@ -269,28 +298,48 @@ def cmd_ops(args) -> int:
     return 0
 
 
+class NoServer(Exception):
+    """No advex server answers at the target address."""
+
+
+def no_server_message(target: str) -> str:
+    return f"error: no advex server at {target} (start one with `advex serve`)"
+
+
 def _client(args) -> Client:
-    return Client(args.target, token=args.token or None)
+    """A client once the server answers (within --connect-timeout); NoServer otherwise."""
+    client = Client(args.server, token=args.token or None)
+    timeout = args.connect_timeout if args.connect_timeout is not None else \
+        LONG_CONNECT_TIMEOUT if args.command in ("demo", "reproduce") else CONNECT_TIMEOUT
+    try:
+        client.wait_ready(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        client.close()
+        raise NoServer(args.server) from None
+    return client
 
 
 def _ready_client(args) -> Optional[Client]:
     """A client once the server answers, or None after saying why on stderr."""
-    client = _client(args)
     try:
-        client.wait_ready(timeout=args.connect_timeout)
-    except grpc.FutureTimeoutError:
-        print(f"error: no advex server at {args.target} (start one with `advex serve`)", file=sys.stderr)
+        return _client(args)
+    except NoServer:
+        print(no_server_message(args.server), file=sys.stderr)
         return None
-    return client
 
 
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="advex", description="advex: model robustness as a gRPC service")
-    p.add_argument("--target", default=os.environ.get("ADVEX_TARGET", "localhost:50051"),
-                   help="server address (env ADVEX_TARGET)")
+    # The server address is stored as `server`: subcommands have options of their own named
+    # --target (transfer's target models), which must not overwrite it.
+    p.add_argument("--target", "--server", dest="server", default=os.environ.get("ADVEX_TARGET", "localhost:50051"),
+                   help="server address host:port (env ADVEX_TARGET; default localhost:50051)")
     p.add_argument("--token", default=os.environ.get("ADVEX_TOKEN", ""), help="bearer token (env ADVEX_TOKEN)")
+    p.add_argument("--connect-timeout", type=float, default=None,
+                   help=f"seconds to wait for the server (default {CONNECT_TIMEOUT:g}; "
+                        f"{LONG_CONNECT_TIMEOUT:g} for demo and reproduce, which may start beside a server)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gRPC server (needs advex[server]; `advex serve --help`)",
@@ -305,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="demo-out", help="folder for the PNG and summary.json")
-    d.add_argument("--connect-timeout", type=float, default=60.0)
+    d.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     d.add_argument("--in-process", action="store_true", help="start a server inside this process (needs advex[server])")
     d.add_argument("--data-dir", default="advex-data", help="with --in-process: the server's data dir")
     d.set_defaults(fn=cmd_demo)
@@ -318,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "tiny: a one-minute smoke test")
     rp.add_argument("--arch", default="", help="override the preset's architecture (e.g. resnet50)")
     rp.add_argument("--out", default="", help="report folder (default reproduce-<preset>)")
-    rp.add_argument("--connect-timeout", type=float, default=60.0)
+    rp.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     rp.set_defaults(fn=cmd_reproduce)
 
     a = sub.add_parser("attack", help="adversarial examples for an .npz batch (arrays x, y)")
@@ -396,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transfer", help="how often each source's adversarial examples fool each target")
     tr.add_argument("--source", action="append", required=True, help="source model id (repeatable)")
-    tr.add_argument("--target", action="append", required=True, help="target model id (repeatable)")
+    tr.add_argument("--target", dest="targets", action="append", required=True,
+                    help="target model id (repeatable)")
     tr.add_argument("--dataset", required=True)
     tr.add_argument("--split", default="")
     tr.add_argument("--limit", type=int, default=0)
@@ -425,8 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--dataset", default="", help="export: dataset to measure agreement on")
             r.add_argument("--limit", type=int, default=1000, help="export: examples to compare")
             r.add_argument("--arch", default="")
-            r.add_argument("--num-classes", type=int, default=10)
-            r.add_argument("--input-shape", default="3,32,32")
+            r.add_argument("--num-classes", type=int, default=0,
+                           help="upload: classes (read from ONNX, torch.export and zoo weights when left out)")
+            r.add_argument("--input-shape", default="",
+                           help="upload: C,H,W without the batch dim (read from the file where it records it; "
+                                "required for torchscript)")
             r.add_argument("--name", default="")
             r.add_argument("--mean", default="")
             r.add_argument("--std", default="")
@@ -454,8 +507,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return args.fn(args)
+    except NoServer:
+        print(no_server_message(args.server), file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            print(f"error: lost the advex server at {args.server}: {exc.details()}", file=sys.stderr)
+        else:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
 
 

@@ -11,11 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from advex import idx
-from advex.client.render import image_grid, table
+from advex.client.render import fmt_rate, image_grid, rate, table
 from advex.client.sdk import Client
-
-FASHION_FOLDERS = ("/usr/share/datasets/fashion-mnist",)
 
 
 @dataclass
@@ -33,17 +30,10 @@ class DemoSettings:
 
 
 def _test_images(client: Client, dataset_id: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A few test images read client-side from the dataset's folder (the server says where)."""
-    record = client.get_dataset(dataset_id)
-    folder = json.loads(record.lineage_json or "{}").get("folder")
-    candidates = ([folder] if folder else []) + list(FASHION_FOLDERS)
-    for cand in candidates:
-        try:
-            x, y = idx.read_split(Path(cand), "test")
-            return x[:n, None].astype(np.float32) / 255.0, y[:n].astype(np.int64)
-        except (idx.IdxError, OSError):
-            continue
-    raise SystemExit(f"cannot read test images of {dataset_id!r} locally (looked in {candidates})")
+    """The first n test images, from the service (DownloadDataset): a client needs no data files."""
+    x, y = client.download_dataset(dataset_id, split="test", limit=n)
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    return x, y.astype(np.int64)
 
 
 def run(client: Client, s: DemoSettings = DemoSettings(), log=print) -> dict:
@@ -70,7 +60,7 @@ def run(client: Client, s: DemoSettings = DemoSettings(), log=print) -> dict:
     rows = [["clean", "-", f"{ev.clean_accuracy:.1%}", "-"]]
     for r in ev.robust:
         rows.append([f"PGD-{r.attack.steps} {'L2' if r.attack.norm == 2 else 'Linf'}", f"{r.attack.eps:g}",
-                     f"{r.robust_accuracy:.1%}", f"{r.success_rate:.1%}"])
+                     f"{r.robust_accuracy:.1%}", fmt_rate(rate(ev.clean_correct - r.robust_correct, ev.clean_correct))])
     log("")
     log(f"Robustness of {model.spec.name} on {s.dataset} test ({ev.num_examples} images, {ev.device}, "
         f"{ev.wall_seconds:.0f} s)")
@@ -81,18 +71,21 @@ def run(client: Client, s: DemoSettings = DemoSettings(), log=print) -> dict:
     x, y = _test_images(client, s.dataset, s.show)
     adv = client.attack(model.id, x, y, norm="L2", eps=s.l2_eps[-2], steps=s.steps, seed=s.seed)
     out = Path(s.out)
-    png = image_grid([
+    out.mkdir(parents=True, exist_ok=True)
+    flips = int((adv.clean_pred != adv.adv_pred).sum())
+    png = out / "adversarial_examples.png"
+    summary = {"model_id": model.id, "dataset": s.dataset, "clean_accuracy": ev.clean_accuracy,
+               "robust": [{"norm": "L2" if r.attack.norm == 2 else "Linf", "eps": r.attack.eps,
+                           "robust_accuracy": r.robust_accuracy} for r in ev.robust],
+               "attack": {"norm": "L2", "eps": s.l2_eps[-2], "images": len(y), "predictions_changed": flips},
+               "png": str(png), "wall_seconds": time.perf_counter() - t_start}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))  # results first: a failing figure loses none
+    image_grid([
         ("clean", x, [f"y: {names[t]}\npred: {names[p]}" for t, p in zip(y, adv.clean_pred)]),
         (f"L2 eps={s.l2_eps[-2]:g}", adv.x_adv, [f"pred: {names[p]}\n|d|={d:.2f}" for p, d in
                                              zip(adv.adv_pred, adv.perturbation_norm)]),
         ("perturbation", (adv.x_adv - x) * 4, ["x4" for _ in y]),
-    ], out / "adversarial_examples.png")
-    flips = int((adv.clean_pred != adv.adv_pred).sum())
+    ], png)
     log(f"      {flips}/{len(y)} predictions changed; wrote {png}")
-    summary = {"model_id": model.id, "dataset": s.dataset, "clean_accuracy": ev.clean_accuracy,
-               "robust": [{"norm": "L2" if r.attack.norm == 2 else "Linf", "eps": r.attack.eps,
-                           "robust_accuracy": r.robust_accuracy} for r in ev.robust],
-               "png": str(png), "wall_seconds": time.perf_counter() - t_start}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"Done in {summary['wall_seconds']:.0f} s. Summary: {out / 'summary.json'}")
     return summary

@@ -3,9 +3,10 @@
 Train a standard and an adversarially trained model on D; build D_R (through the robust
 model), D_NR, D_rand and D_det (through the standard one); train a standard model on each; then
 evaluate all six on the original test set (standard accuracy, L2 robust accuracy at eps 0.25 and
-over a sweep). Write a report folder: report.md (table beside the paper's numbers, settings,
-reductions, diagnostics), results.json, figure2.png (bar chart in the style of the paper's Figure
-2) and samples.png (x beside its D_R / D_NR / D_rand / D_det counterparts, with labels).
+over a sweep). Write a report folder: results.json and report.md (table beside the paper's numbers,
+settings, reductions, diagnostics) first, then the figures: figure2.png (bars in the style of the
+paper's Figure 2, at every evaluated eps) and samples.png (x beside its D_R / D_NR / D_rand / D_det
+counterparts, with labels). A rate over an empty denominator is "n/a" (null in JSON), never 0%.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from advex.client.render import bar_chart, image_grid, table
+from advex.client import plots
+from advex.client.render import fmt_rate, image_grid, rate, table
 from advex.client.sdk import Client
 
 # PAPER.md: CIFAR-10 test set, (standard accuracy, robust accuracy at L2 eps 0.25).
@@ -113,7 +115,7 @@ class Row:
     dataset_id: str
     model_id: str
     clean: float = 0.0
-    robust_025: float = 0.0
+    robust_025: Optional[float] = None    # None when eps 0.25 is not in the preset's eval_eps
     sweep: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
 
@@ -172,10 +174,10 @@ def run(client: Client, p: Preset, out: Path, log: Callable[[str], None] = print
                              attacks=[{"norm": "L2", "eps": list(p.eval_eps), "steps": p.eval_steps}]).result()
         row.clean = ev.clean_accuracy
         row.sweep = {f"{r.attack.eps:g}": r.robust_accuracy for r in ev.robust}
-        row.robust_025 = row.sweep.get("0.25", float("nan"))
+        row.robust_025 = row.sweep.get("0.25")
 
-    _write_report(client, p, rows, built, out, time.perf_counter() - t0)
     log("\n" + _table(rows, p))
+    _write_report(client, p, rows, built, out, time.perf_counter() - t0)
     log(f"\nReport: {out / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
     return rows
 
@@ -183,40 +185,32 @@ def run(client: Client, p: Preset, out: Path, log: Callable[[str], None] = print
 def _table(rows: list[Row], p: Preset) -> str:
     eps = [f"{e:g}" for e in p.eval_eps if e != 0.25]
     return table(["training set", "std acc", "paper", "robust @0.25", "paper"] + [f"@{e}" for e in eps],
-                 [[r.training_set, f"{r.clean:.1%}", f"{PAPER[r.training_set][0]:.1%}", f"{r.robust_025:.1%}",
-                   f"{PAPER[r.training_set][1]:.1%}"] + [f"{r.sweep.get(e, float('nan')):.1%}" for e in eps]
+                 [[r.training_set, fmt_rate(r.clean), fmt_rate(PAPER[r.training_set][0]), fmt_rate(r.robust_025),
+                   fmt_rate(PAPER[r.training_set][1])] + [fmt_rate(r.sweep.get(e)) for e in eps]
                   for r in rows])
 
 
 def _write_report(client: Client, p: Preset, rows: list[Row], built: dict, out: Path, wall: float) -> None:
-    bar_chart([r.training_set.replace(" (", "\n(") for r in rows],
-              [("standard accuracy", [r.clean for r in rows], (70, 110, 180)),
-               ("robust accuracy (L2 eps 0.25)", [r.robust_025 for r in rows], (230, 150, 60))],
-              out / "figure2.png", title=f"advex reproduce ({p.name}): accuracy on the original test set",
-              reference=[[PAPER[r.training_set][0] for r in rows], [PAPER[r.training_set][1] for r in rows]])
-    n = 8
-    x, y = client.download_dataset(p.dataset, limit=n)
-    names = list(client.get_dataset(p.dataset).class_names) or [str(i) for i in range(10)]
-    grid_rows = [("D (x)", _as_float(x), [names[int(v)] for v in y])]
-    for name, res in built.items():
-        xs, ys = client.download_dataset(res.dataset_id, limit=n)
-        grid_rows.append((name, _as_float(xs), [names[int(v)] for v in ys]))
-    samples = image_grid(grid_rows, out / "samples.png")
+    """results.json and report.md first, then the figures: a crash while drawing loses no result."""
     (out / "results.json").write_text(json.dumps({"preset": asdict(p), "rows": [asdict(r) for r in rows],
                                                   "paper": PAPER, "wall_seconds": wall}, indent=2, default=str))
+    eps_text = ", ".join(f"{e:g}" for e in p.eval_eps)
     lines = [f"# Ilyas et al. (2019) reproduced through advex — preset `{p.name}`", "",
              f"Dataset **{p.dataset}**, architecture **{p.arch}** {p.arch_args or ''}; wall time {wall / 60:.1f} min.",
              "Accuracies are on the original test set "
-             f"({p.test_limit or 'all'} examples); robust accuracy is PGD-{p.eval_steps} at L2 eps 0.25. "
-             "The paper's numbers are for CIFAR-10 with ResNet-50.", "",
+             f"({p.test_limit or 'all'} examples); robust accuracy is PGD-{p.eval_steps} at L2 eps {eps_text} "
+             "(the paper reports eps 0.25). The paper's numbers are for CIFAR-10 with ResNet-50.", "",
              "| training set | standard acc. | paper | robust acc. (L2 0.25) | paper | "
              + " | ".join(f"robust @{e:g}" for e in p.eval_eps if e != 0.25) + " |",
-             "|---|---|---|---|---|" + "---|" * (len(p.eval_eps) - 1)]
+             "|---|---|---|---|---|" + "---|" * sum(e != 0.25 for e in p.eval_eps)]
     for r in rows:
-        extra = " | ".join(f"{r.sweep.get(f'{e:g}', float('nan')):.1%}" for e in p.eval_eps if e != 0.25)
-        lines.append(f"| {r.training_set} | {r.clean:.1%} | {PAPER[r.training_set][0]:.1%} | {r.robust_025:.1%} | "
-                     f"{PAPER[r.training_set][1]:.1%} | {extra} |")
-    lines += ["", "![figure 2](figure2.png)", "", "## Reductions from the paper's settings", ""]
+        extra = " | ".join(fmt_rate(r.sweep.get(f"{e:g}")) for e in p.eval_eps if e != 0.25)
+        lines.append(f"| {r.training_set} | {fmt_rate(r.clean)} | {fmt_rate(PAPER[r.training_set][0])} | "
+                     f"{fmt_rate(r.robust_025)} | {fmt_rate(PAPER[r.training_set][1])} | {extra} |")
+    lines += ["", "![figure 2](figure2.png)", "",
+              "Figure 2: bars are this run (standard accuracy, then robust accuracy at each eps); black marks are the "
+              "paper's numbers (standard accuracy and robust accuracy at eps 0.25).", "",
+              "## Reductions from the paper's settings", ""]
     lines += [f"- {r}" for r in p.reductions] or ["- none"]
     lines += ["", "## Settings", "", "```json", json.dumps(
         {k: v for k, v in asdict(p).items() if k not in ("reductions", "name")}, indent=2, default=str), "```",
@@ -225,9 +219,29 @@ def _write_report(client: Client, p: Preset, rows: list[Row], built: dict, out: 
         lines.append(f"- **{r.training_set}** (`{r.dataset_id}`): " + ", ".join(f"{k} {v}" for k, v in r.diagnostics.items()))
     lines += ["", "## Samples", "", "Rows: training images x, then the example of each constructed set with the same "
               "index (D_R / D_NR keep the label y; D_rand / D_det carry the target label).", "",
-              f"![samples]({samples.name})", "", "## Models", ""]
+              "![samples](samples.png)", "", "## Models", ""]
     lines += [f"- {r.training_set}: model `{r.model_id}` trained on `{r.dataset_id}`" for r in rows]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+    draw_figure2(p, rows, out / "figure2.png")
+    n = 8
+    x, y = client.download_dataset(p.dataset, limit=n)
+    names = list(client.get_dataset(p.dataset).class_names) or [str(i) for i in range(10)]
+    grid_rows = [("D (x)", _as_float(x), [names[int(v)] for v in y])]
+    for name, res in built.items():
+        xs, ys = client.download_dataset(res.dataset_id, limit=n)
+        grid_rows.append((name, _as_float(xs), [names[int(v)] for v in ys]))
+    image_grid(grid_rows, out / "samples.png")
+
+
+def draw_figure2(p: Preset, rows: list[Row], path: Path):
+    """figure2.png from the rows (also from a results.json: see scripts/redraw_figures.py)."""
+    return plots.figure2([r.training_set for r in rows], [r.clean for r in rows],
+                         {e: [r.sweep.get(f"{e:g}") for r in rows] for e in p.eval_eps}, path,
+                         title=f"advex reproduce ({p.name}, {p.dataset}): accuracy on the original test set",
+                         paper_standard=[PAPER[r.training_set][0] for r in rows],
+                         paper_robust={0.25: [PAPER[r.training_set][1] for r in rows]},
+                         paper_label="paper (CIFAR-10, ResNet-50)")
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
@@ -308,10 +322,23 @@ class TransferRow:
     model_on_d_det: str
     clean_accuracy_on_d: float = 0.0
     d_det_accuracy: float = 0.0       # standard accuracy on the original test set after training on D_det
-    transfer_rate: float = 0.0
-    unconditional_rate: float = 0.0
+    transfer_rate: Optional[float] = None       # transferred / successful_on_source; None over 0/0
+    unconditional_rate: Optional[float] = None  # None when the target gets no example right
     successful_on_source: int = 0
     transferred: int = 0
+
+
+def pearson_r(xs, ys) -> Optional[float]:
+    """Pearson's r over the pairs where both values are known (not None, not nan); None when fewer
+    than 3 such pairs or when either side does not vary (r is undefined or meaningless there)."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys)
+             if x is not None and y is not None and np.isfinite(float(x)) and np.isfinite(float(y))]
+    if len(pairs) < 3:
+        return None
+    a, b = np.array(pairs).T
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[str], None] = print) -> dict:
@@ -327,7 +354,7 @@ def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[st
     source = train(p.source_arch, p.source_args, d, p.train, p.train_limit, "transfer source", 0)
     d_det = client.build_nonrobust_dataset("d_det", source, d, limit=p.build_limit, attack=p.relabel_attack,
                                            name="D_det of the transfer source").result()
-    log(f"      D_det target-hit rate {d_det.target_hit_rate:.1%}")
+    log(f"      D_det target-hit rate {fmt_rate(d_det.target_hit_rate)}")
 
     log("\n[2/4] Train every architecture on D and on D_det")
     rows = []
@@ -346,37 +373,63 @@ def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[st
     attack = dict(p.transfer_attack)
     tr = client.transfer_rate([source], [r.model_on_d for r in rows], d, split="test", limit=p.test_limit,
                               norm=attack.pop("norm"), eps=attack.pop("eps"), **attack).result()
+    targeted = bool(p.transfer_attack.get("targeted"))
     for row, pair in zip(rows, tr.pairs):
-        row.transfer_rate, row.unconditional_rate = pair.transfer_rate, pair.unconditional_rate
+        row.transfer_rate = rate(pair.transferred, pair.successful_on_source)
+        row.unconditional_rate = rate(pair.fooled_target, pair.examples if targeted else pair.correct_on_target)
         row.successful_on_source, row.transferred = pair.successful_on_source, pair.transferred
 
-    xs = np.array([r.transfer_rate for r in rows])
-    ys = np.array([r.d_det_accuracy for r in rows])
-    corr = float(np.corrcoef(xs, ys)[0, 1]) if len(rows) > 2 and xs.std() > 0 and ys.std() > 0 else float("nan")
-    from advex.client.render import scatter
-
-    scatter([(r.architecture, r.transfer_rate, r.d_det_accuracy) for r in rows], out / "transfer_vs_d_det.png",
-            xlabel="transfer rate from the source", ylabel="test accuracy after training on D_det",
-            title=f"advex reproduce transfer ({p.name}): {len(rows)} architectures, source {p.source_arch}",
-            note=f"Pearson r = {corr:.2f} over {len(rows)} architectures")
-    wall = time.perf_counter() - t0
-    headers = ["architecture", "acc. on D", "acc. after D_det", "transfer rate", "unconditional", "transferred"]
-    cells = [[r.architecture, f"{r.clean_accuracy_on_d:.1%}", f"{r.d_det_accuracy:.1%}", f"{r.transfer_rate:.1%}",
-              f"{r.unconditional_rate:.1%}", f"{r.transferred}/{r.successful_on_source}"] for r in rows]
+    corr = pearson_r([r.transfer_rate for r in rows], [r.d_det_accuracy for r in rows])
     summary = {"preset": asdict(p), "rows": [asdict(r) for r in rows], "pearson_r": corr,
                "d_det": {"dataset_id": d_det.dataset_id, "target_hit_rate": d_det.target_hit_rate},
-               "source_model_id": source, "definition": tr.definition, "wall_seconds": wall}
+               "source_model_id": source, "definition": tr.definition, "wall_seconds": time.perf_counter() - t0}
+    _write_transfer_report(p, rows, summary, out, log)
+    log(f"\nPearson r = {fmt_rate(corr, '.2f')}. Report: {out / 'report.md'} ({summary['wall_seconds']:.0f} s)")
+    return summary
+
+
+def _correlation_text(rows: list[TransferRow], corr: Optional[float]) -> str:
+    known = sum(r.transfer_rate is not None for r in rows)
+    over = f"{len(rows)}" if known == len(rows) else f"{known} of {len(rows)}"
+    if corr is not None:
+        return f"Pearson r = {corr:.2f} over {over} architectures"
+    if known < 3:
+        return f"Pearson r = n/a ({over} architectures have a transfer rate; it takes 3)"
+    return f"Pearson r = n/a (over {over} architectures, one of the two values does not vary)"
+
+
+def _write_transfer_report(p: TransferPreset, rows: list[TransferRow], summary: dict, out: Path,
+                           log: Callable[[str], None] = print) -> None:
+    """transfer.json and report.md first, then the table, then the figure: a crash while drawing
+    loses no result."""
     (out / "transfer.json").write_text(json.dumps(summary, indent=2, default=str))
+    corr, wall = summary["pearson_r"], summary["wall_seconds"]
+    headers = ["architecture", "acc. on D", "acc. after D_det", "transfer rate", "unconditional", "transferred"]
+    cells = [[r.architecture, fmt_rate(r.clean_accuracy_on_d), fmt_rate(r.d_det_accuracy), fmt_rate(r.transfer_rate),
+              fmt_rate(r.unconditional_rate), f"{r.transferred}/{r.successful_on_source}"] for r in rows]
     lines = [f"# Transferability and D_det (Ilyas et al. §3.3) through advex — preset `{p.name}`", "",
              PAPER_TRANSFER_CLAIM, "",
-             f"Here: source **{p.source_arch}** {p.source_args or ''} on **{d}**; D_det target-hit rate "
-             f"{d_det.target_hit_rate:.1%}; wall time {wall / 60:.1f} min. **Pearson r = {corr:.2f}** between the "
-             f"transfer rate and the accuracy after training on D_det, over {len(rows)} architectures.", "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+             f"Here: source **{p.source_arch}** {p.source_args or ''} on **{p.dataset}**; D_det target-hit rate "
+             f"{fmt_rate(summary['d_det']['target_hit_rate'])}; wall time {wall / 60:.1f} min. "
+             f"**{_correlation_text(rows, corr)}**, between the transfer rate and the accuracy after training on "
+             "D_det.", ""]
+    if any(r.transfer_rate is None for r in rows):
+        lines += ["A transfer rate reads n/a where the source's attack succeeded on no test example (0/0); "
+                  "such architectures are left out of the correlation and the figure.", ""]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    lines += ["", "![transfer vs D_det](transfer_vs_d_det.png)", "", "## Definitions", "", tr.definition, "",
+    lines += ["", "![transfer vs D_det](transfer_vs_d_det.png)", "", "## Definitions", "", summary["definition"], "",
               "## Reductions", ""] + [f"- {r}" for r in p.reductions]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     log("\n" + table(headers, cells))
-    log(f"\nPearson r = {corr:.2f}. Report: {out / 'report.md'} ({wall:.0f} s)")
-    return summary
+    draw_transfer_figure(p, rows, corr, out / "transfer_vs_d_det.png")
+
+
+def draw_transfer_figure(p: TransferPreset, rows: list[TransferRow], corr: Optional[float], path: Path):
+    """transfer_vs_d_det.png (also from a transfer.json: see scripts/redraw_figures.py)."""
+    return plots.scatter([(r.architecture, r.transfer_rate, r.d_det_accuracy) for r in rows], path,
+                         xlabel="transfer rate from the source (targets trained on D)",
+                         ylabel="test accuracy after training on D_det",
+                         title=f"advex reproduce transfer ({p.name}): {len(rows)} architectures, "
+                               f"source {p.source_arch}",
+                         note=_correlation_text(rows, corr))

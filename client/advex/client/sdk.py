@@ -11,6 +11,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from advex.v1 import operation_pb2 as op_pb
 from advex.v1 import resources_pb2 as res
@@ -321,14 +323,15 @@ class Client:
         return Operation(self, op_pb.Operation(id=operation_id)).watch()
 
     # ------------------------------------------------------------------ models
-    def upload_model(self, file: Union[str, Path, bytes], *, format: str, num_classes: int,
-                     input_shape: Sequence[int], architecture: str = "", name: str = "",
+    def upload_model(self, file: Union[str, Path, bytes], *, format: str, num_classes: int = 0,
+                     input_shape: Sequence[int] = (), architecture: str = "", name: str = "",
                      mean: Sequence[float] = (), std: Sequence[float] = (),
                      labels: Optional[Mapping[str, str]] = None,
                      arch_args: Optional[Mapping[str, str]] = None, layout: str = "",
                      value_range: str = "") -> res.Model:
         """format: "safetensors" (with a zoo architecture), "torchscript", "torch_export" or "onnx".
-        ONNX graphs declare their input layout ("NCHW" default, "NHWC") and value range ("0-1"
+        input_shape (C,H,W without the batch) and num_classes may be left out where the file records
+        them (ONNX, torch.export, zoo weights); the server reads them and says when it cannot. ONNX graphs declare their input layout ("NCHW" default, "NHWC") and value range ("0-1"
         default, "0-255"); they are checked against the graph's input at upload."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
@@ -381,6 +384,39 @@ class Client:
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._call("DeleteDataset", res.DeleteDatasetRequest(dataset_id=dataset_id))
+
+
+_INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def to_dict(message) -> dict:
+    """A protobuf message as plain Python (field names as in the .proto). Unlike protobuf's JSON
+    mapping, 64-bit integers stay numbers (the JSON mapping writes them as strings)."""
+    return _numbers(message.DESCRIPTOR, json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _numbers(descriptor, value: dict) -> dict:
+    for f in descriptor.fields:
+        if f.name not in value:
+            continue
+        v = value[f.name]
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            val_field = f.message_type.fields_by_name["value"]
+            value[f.name] = {k: _field_value(val_field, x) for k, x in v.items()}
+        elif f.is_repeated:
+            value[f.name] = [_field_value(f, x) for x in v]
+        else:
+            value[f.name] = _field_value(f, v)
+    return value
+
+
+def _field_value(f, v):
+    if f.type in _INT64_TYPES and isinstance(v, str):
+        return int(v)
+    if f.message_type is not None and isinstance(v, dict):  # well-known types (Timestamp) arrive as strings
+        return _numbers(f.message_type, v)
+    return v
 
 
 def _chunks(data: bytes, size: int = CHUNK) -> Iterator[bytes]:
