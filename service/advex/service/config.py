@@ -1,34 +1,116 @@
-"""Server configuration: one source, flags over environment (ADVEX_*) over defaults."""
+"""Server configuration: one source, flags over environment (ADVEX_*) over defaults.
+
+Every setting is one field of ``ServerConfig``; its default, its meaning (the help text of
+`advex serve --help`) and its allowed values are declared next to it, and ``load`` is the one
+place that reads, converts and checks them. A bad value raises ``ConfigError`` with one line
+that names the setting, where the value came from (flag or environment variable) and the value.
+"""
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, get_type_hints
+
+ENV_PREFIX = "ADVEX_"
+DEFAULT_DATA_ROOT = "/usr/share/datasets"   # where Debian installs datasets (dataset-fashion-mnist)
+LEGACY_DATA_ROOT_ENV = "ADVEX_DATA_ROOT"    # the tests' setting; one more source of data roots
 
 
-def _default_data_roots() -> list[str]:
-    return ["/usr/share/datasets"]
+class ConfigError(ValueError):
+    """A setting cannot be used; str(error) is one line naming the setting, its source and value."""
+
+
+def _setting(default: Any = MISSING, *, help: str, factory: Optional[Callable[[], Any]] = None,
+             minimum: Optional[float] = None, maximum: Optional[float] = None,
+             check: Optional[Callable[[Any], Optional[str]]] = None, expect: str = "",
+             metavar: Optional[str] = None, shown: Optional[str] = None):
+    """A ServerConfig field with its meaning (help), limits and, for odd values, a check that
+    returns what was expected or None. ``shown``: the default as the help prints it."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "check": check, "expect": expect,
+            "metavar": metavar, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_host(value: str) -> Optional[str]:
+    if not value or any(c.isspace() for c in value) or "[" in value or "]" in value:
+        return "a host name, an IPv4 address, or an IPv6 address (::1 or [::1])"
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            return "an IPv6 address such as ::1 or [::1] (a host name or IPv4 address has no ':')"
+    return None
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _check_device(value: str) -> Optional[str]:
+    return None if DEVICE_PATTERN.match(value) else "one of auto, cpu, cuda, cuda:N"
+
+
+def _check_nonempty(value: str) -> Optional[str]:
+    return None if value.strip() else "a non-empty path"
 
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9108          # 0 = no metrics endpoint
-    data_dir: str = "advex-data"      # SQLite store + artifact folder
-    data_roots: list[str] = field(default_factory=_default_data_roots)  # built-in datasets
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    workers: int = 1                  # concurrent long operations
-    max_queue: int = 16               # queued + running operations before RESOURCE_EXHAUSTED
-    max_batch: int = 1024             # inline Attack batch
-    max_upload_mb: int = 1024
-    max_steps: int = 10000
-    max_restarts: int = 100
-    token: Optional[str] = None       # required bearer token when set
-    shutdown_grace_s: float = 10.0
-    torch_threads: int = 0            # 0 = torch default
+    host: str = _setting(
+        "127.0.0.1", metavar="HOST", check=_check_host,
+        help="address the gRPC server (and the metrics endpoint) listens on: a host name, an IPv4 address, "
+             "or an IPv6 address written ::1 or [::1]; 0.0.0.0 or :: for all interfaces")
+    port: int = _setting(
+        50051, minimum=0, maximum=65535, metavar="PORT",
+        help="gRPC port; 0 picks a free one. The server refuses a port another process listens on")
+    metrics_port: int = _setting(
+        9108, minimum=0, maximum=65535, metavar="PORT",
+        help="port of the Prometheus endpoint http://HOST:PORT/metrics; 0 = no metrics endpoint")
+    data_dir: str = _setting(
+        "advex-data", metavar="DIR", check=_check_nonempty,
+        help="folder for the SQLite store (advex.sqlite3) and the uploaded and produced artifacts")
+    data_roots: list[str] = _setting(
+        factory=lambda: [DEFAULT_DATA_ROOT], metavar="DIR", shown=DEFAULT_DATA_ROOT,
+        help="folders searched for built-in datasets (mnist, cifar10, fashion-mnist), in this order: "
+             "--data-roots (repeatable), then ADVEX_DATA_ROOTS, then ADVEX_DATA_ROOT (both ':'-separated), "
+             f"then {DEFAULT_DATA_ROOT}, which is always searched last; the first folder holding a dataset "
+             "wins. Nothing is downloaded")
+    device: str = _setting(
+        "auto", check=_check_device, metavar="DEVICE",
+        help="where models run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    workers: int = _setting(
+        1, minimum=1, metavar="N",
+        help="long operations (train, evaluate, export, ...) that run at the same time")
+    max_queue: int = _setting(
+        16, minimum=1, metavar="N",
+        help="queued + running operations; beyond it new ones get RESOURCE_EXHAUSTED")
+    max_batch: int = _setting(
+        1024, minimum=1, metavar="N",
+        help="largest batch an inline Attack call accepts (use Evaluate for datasets)")
+    max_upload_mb: int = _setting(
+        1024, minimum=1, metavar="MB",
+        help="largest model or dataset upload, in MiB")
+    max_steps: int = _setting(
+        10000, minimum=1, metavar="N",
+        help="most attack or training steps a request may ask for")
+    max_restarts: int = _setting(
+        100, minimum=0, metavar="N",
+        help="most random restarts an attack may ask for (0 = none allowed)")
+    token: Optional[str] = _setting(
+        None, metavar="TOKEN", shown="none",
+        help="when set, every call must send the header 'authorization: Bearer TOKEN'")
+    shutdown_grace_s: float = _setting(
+        10.0, minimum=0.0, metavar="SECONDS",
+        help="on SIGTERM: stop accepting, let running work finish this long, then cancel it and close the store")
+    torch_threads: int = _setting(
+        0, minimum=0, metavar="N",
+        help="CPU threads torch may use; 0 = torch's default")
 
     @property
     def store_path(self) -> Path:
@@ -39,55 +121,195 @@ class ServerConfig:
         return Path(self.data_dir) / "artifacts"
 
 
-ENV_PREFIX = "ADVEX_"
+# ---------------------------------------------------------------------- addresses
+def bare_host(host: str) -> str:
+    """'[::1]' -> '::1' (how sockets, getaddrinfo and prometheus want it); others unchanged."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
 
 
-def _coerce(name: str, raw: str, default):
-    if isinstance(default, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    if isinstance(default, list):
-        return [p for p in raw.split(os.pathsep) if p]
-    return raw
+def address(host: str, port: int) -> str:
+    """host:port as gRPC, URLs and logs write it: '[::1]:50051', '127.0.0.1:50051'."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------------- flags and environment
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+_TYPES = get_type_hints(ServerConfig)
+
+
+def _kind(name: str) -> type:
+    t = _TYPES[name]
+    for k in (int, float, list):
+        if t is k or getattr(t, "__origin__", None) is k:
+            return k
+    return str
+
+
+def _default_of(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _expected(f) -> str:
+    meta, kind = f.metadata, _kind(f.name)
+    lo, hi = meta.get("minimum"), meta.get("maximum")
+    what = {int: "an integer", float: "a number"}.get(kind, "")
+    if lo is not None and hi is not None:
+        return f"{what} from {lo} to {hi}"
+    if lo is not None:
+        return f"{what} >= {lo}"
+    return meta.get("expect") or what
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _convert(f, raw: Any, source: str) -> Any:
+    """raw (a string from a flag or the environment, or a Python value) -> a checked value."""
+    kind, meta = _kind(f.name), f.metadata
+
+    def fail(problem: str, expected: str) -> ConfigError:
+        return ConfigError(f"{f.name}: {_show(raw)} from {source} {problem} (expected {expected})")
+
+    value = raw
+    if kind is int:
+        if isinstance(raw, str):
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                raise fail("is not an integer", _expected(f)) from None
+        elif isinstance(raw, bool) or not isinstance(raw, int):
+            raise fail("is not an integer", _expected(f))
+    elif kind is float:
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise fail("is not a number", _expected(f)) from None
+        elif isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise fail("is not a number", _expected(f))
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail("is not a finite number", _expected(f))
+    elif kind is list:
+        value = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
+        value = [str(p) for p in value if str(p)]
+    elif raw is not None:
+        value = str(raw).strip()
+    lo, hi = meta.get("minimum"), meta.get("maximum")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise fail("is out of range", _expected(f))
+    if f.name == "host" and value is not None:
+        value = bare_host(value)
+    check = meta.get("check")
+    if check is not None and value is not None:
+        expected = check(value)
+        if expected:
+            raise fail("is not valid", expected)
+    return value
+
+
+def describe_default(f) -> str:
+    shown = f.metadata.get("shown")
+    return shown if shown is not None else str(_default_of(f))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2), like the settings do."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(prog: str = "advex serve") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Run the advex gRPC server.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Every setting is a flag or an environment variable (ADVEX_<NAME>); a flag wins "
+                            "over the\nenvironment, which wins over the default. An empty variable counts as unset. "
+                            "A bad value\nstops the server with one line naming the setting, and exit code 2.")
+    add_arguments(parser)
+    return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field: --data-dir, --max-batch, ... (environment: ADVEX_DATA_DIR, ...)."""
     for f in fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        env = ENV_PREFIX + f.name.upper()
-        helptext = f"(env {env})"
-        if f.name == "data_roots":
-            parser.add_argument(flag, action="append", default=None, help=f"folder with built-in datasets; repeatable {helptext}")
-        else:
-            parser.add_argument(flag, default=None, help=helptext)
+        helptext = (f"{f.metadata['help']} [default: {describe_default(f)}; env {env_name(f.name)}]"
+                    .replace("%", "%%"))
+        extra = {"action": "append"} if _kind(f.name) is list else {}
+        parser.add_argument(flag_name(f.name), default=None, metavar=f.metadata.get("metavar"), help=helptext,
+                            **extra)
+
+
+def _data_roots(sources: list[tuple[Any, str]]) -> list[str]:
+    """The one rule: roots from every source, flag first, then ADVEX_DATA_ROOTS, then
+    ADVEX_DATA_ROOT; the default root always last; each folder once."""
+    f = next(x for x in fields(ServerConfig) if x.name == "data_roots")
+    roots: list[str] = []
+    for raw, source in sources:
+        roots += _convert(f, raw, source)
+    roots.append(DEFAULT_DATA_ROOT)
+    seen: set[str] = set()
+    return [r for r in roots if not (r in seen or seen.add(r))]
 
 
 def load(args: Optional[argparse.Namespace] = None, env: Optional[dict] = None) -> ServerConfig:
+    """Settings from flags (args), else the environment, else defaults; raises ConfigError."""
     env = os.environ if env is None else env
-    cfg = ServerConfig()
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for f in fields(ServerConfig):
-        default = getattr(cfg, f.name)
-        raw_env = env.get(ENV_PREFIX + f.name.upper())
-        if raw_env is not None and default is not None:
-            setattr(cfg, f.name, _coerce(f.name, raw_env, default))
-        elif raw_env is not None:
-            setattr(cfg, f.name, raw_env)
         flag = getattr(args, f.name, None) if args is not None else None
-        if flag is not None:
-            setattr(cfg, f.name, flag if isinstance(flag, list) or default is None else _coerce(f.name, flag, default))
-    if "ADVEX_DATA_ROOT" in env:  # the tests' setting also feeds the server
-        cfg.data_roots = [p for p in env["ADVEX_DATA_ROOT"].split(os.pathsep) if p] + cfg.data_roots
+        raw_env = env.get(env_name(f.name))
+        if raw_env is not None and not raw_env.strip():
+            raw_env = None  # an empty variable counts as unset
+        if f.name == "data_roots":
+            given = [(v, f"flag {flag_name(f.name)}") for v in (flag or [])]
+            if raw_env is not None:
+                given.append((raw_env, f"environment {env_name(f.name)}"))
+            legacy = env.get(LEGACY_DATA_ROOT_ENV)
+            if legacy and legacy.strip():
+                given.append((legacy, f"environment {LEGACY_DATA_ROOT_ENV}"))
+            values[f.name] = _data_roots(given)
+        elif flag is not None:
+            sources[f.name] = f"flag {flag_name(f.name)}"
+            values[f.name] = _convert(f, flag, sources[f.name])
+        elif raw_env is not None:
+            sources[f.name] = f"environment {env_name(f.name)}"
+            values[f.name] = _convert(f, raw_env, sources[f.name])
+    cfg = ServerConfig(**values)
+    _check_together(cfg, sources)
     return cfg
 
 
+def _check_together(cfg: ServerConfig, sources: dict[str, str]) -> None:
+    """Settings that are fine alone but not together."""
+    if cfg.metrics_port and cfg.metrics_port == cfg.port:
+        name = "metrics_port" if "metrics_port" in sources or "port" not in sources else "port"
+        raise ConfigError(f"{name}: {getattr(cfg, name)} from {sources.get(name, 'the default')} is the gRPC port "
+                          "and the metrics port at once (expected two different ports; --metrics-port 0 for none)")
+
+
 def from_kwargs(**kwargs) -> ServerConfig:
-    cfg = ServerConfig()
+    """Settings given in code (InProcessServer), checked like flags. data_roots here is the exact
+    list searched (tests pass [] for none)."""
+    by_name = {f.name: f for f in fields(ServerConfig)}
+    values = {}
     for k, v in kwargs.items():
-        if not hasattr(cfg, k):
+        if k not in by_name:
             raise TypeError(f"unknown server setting {k!r}")
-        setattr(cfg, k, v)
+        values[k] = v if v is None and k == "token" else _convert(by_name[k], v, f"keyword argument {k}")
+    cfg = ServerConfig(**values)
+    _check_together(cfg, {k: f"keyword argument {k}" for k in kwargs})
     return cfg

@@ -19,11 +19,16 @@ class InProcessServer:
 
     @property
     def target(self) -> str:
-        return f"{self.cfg.host}:{self.running.port}"
+        return config_mod.address(self.cfg.host, self.running.port)
 
     def start(self) -> "InProcessServer":
         self._thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start(self.cfg), self._loop).result(timeout=60)
+        try:
+            self.running = asyncio.run_coroutine_threadsafe(start(self.cfg), self._loop).result(timeout=60)
+        except BaseException:  # e.g. ListenError: leave no thread or loop behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            raise
         return self
 
     def stop(self, grace: float = 5.0) -> None:

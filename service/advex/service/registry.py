@@ -21,7 +21,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from advex.engine import data as data_mod
 from advex.engine.data import ArrayDataset, DataError, TsiprasParams
-from advex.engine.loaders import ModelLoadError, check_model, load_model, safetensors_bytes
+from advex.engine.loaders import (ModelLoadError, Recorded, ShapeMismatch, check_model, load_model,
+                                  read_recorded, safetensors_bytes)
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.zoo import ARCHITECTURES
 from advex.service.errors import ServiceError, invalid, not_found, precondition
@@ -95,7 +96,9 @@ def model_info(spec: res.ModelSpec) -> ModelInfo:
                      tuple(spec.mean), tuple(spec.std), dict(spec.arch_args))
 
 
-def validate_model_spec(spec: res.ModelSpec, field: str = "spec") -> None:
+def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: bool = True) -> None:
+    """complete=False: an upload's spec, where input_shape (empty) and num_classes (0) may be
+    left for the server to read from the file; what is given is still checked."""
     if spec.format not in FORMAT_NAMES:
         raise invalid(f"{field}.format", "required: SAFETENSORS, TORCHSCRIPT, TORCH_EXPORT or ONNX")
     if spec.layout not in ("", "NCHW", "NHWC"):
@@ -106,10 +109,14 @@ def validate_model_spec(spec: res.ModelSpec, field: str = "spec") -> None:
         raise invalid(f"{field}.layout", "layout and value_range are declared for ONNX graphs only")
     if spec.format == res.SAFETENSORS and spec.architecture not in ARCHITECTURES:
         raise invalid(f"{field}.architecture", f"SAFETENSORS weights need a zoo architecture, one of {sorted(ARCHITECTURES)}")
-    if spec.num_classes < 2:
+    if spec.num_classes < 2 and (complete or spec.num_classes != 0):
         raise invalid(f"{field}.num_classes", f"must be >= 2, got {spec.num_classes}")
-    if not spec.input_shape or any(s <= 0 for s in spec.input_shape) or len(spec.input_shape) > 3:
+    if complete and not spec.input_shape:
+        raise invalid(f"{field}.input_shape", "required: 1 to 3 positive dims without the batch dim, e.g. [3, 32, 32]")
+    if any(s <= 0 for s in spec.input_shape) or len(spec.input_shape) > 3:
         raise invalid(f"{field}.input_shape", f"need 1 to 3 positive dims without the batch dim, got {list(spec.input_shape)}")
+    if not spec.input_shape:
+        return  # mean / std are checked against the channels once the shape is known
     channels = spec.input_shape[0] if len(spec.input_shape) == 3 else 1
     for name in ("mean", "std"):
         values = list(getattr(spec, name))
@@ -119,6 +126,62 @@ def validate_model_spec(spec: res.ModelSpec, field: str = "spec") -> None:
         raise invalid(f"{field}.std", "mean and std must have the same length")
     if any(s <= 0 for s in spec.std):
         raise invalid(f"{field}.std", "values must be > 0")
+
+
+def _flag(values) -> str:
+    return ",".join(str(int(v)) for v in values)
+
+
+def complete_model_spec(spec: res.ModelSpec, file: Path, field: str = "spec") -> None:
+    """Fill an upload's missing input_shape / num_classes from what the file records, and check
+    given values against it. What is needed and not recorded is INVALID_ARGUMENT naming the
+    field and the fix. (num_classes the file does not record is measured by one run later.)"""
+    fmt = FORMAT_NAMES[spec.format]
+    try:
+        rec: Recorded = read_recorded(file, fmt, spec.architecture, spec.layout)
+    except ModelLoadError as exc:
+        raise invalid("chunk", str(exc)) from exc
+    kind = f"safetensors weights of {spec.architecture}" if fmt == "safetensors" else f"{fmt} models"
+    if rec.static_batch:
+        raise invalid("chunk", rec.static_batch)
+    given = [int(v) for v in spec.input_shape]
+    if not given:
+        if rec.layout_hint:
+            raise invalid(f"{field}.layout", rec.layout_hint)
+        if rec.input_shape is None:
+            example = ("C,H,W" if rec.input_channels is None else f"{rec.input_channels},H,W")
+            if rec.input_size is not None:
+                example = f"{rec.input_size} (or C,H,W with {rec.input_size} values)"
+            raise invalid(f"{field}.input_shape", f"required for {kind} ({rec.why_no_input}): "
+                                                  f"pass --input-shape {example}")
+        spec.input_shape[:] = list(rec.input_shape)
+    elif rec.input_shape is not None and tuple(given) != rec.input_shape:
+        order = " in layout NHWC" if spec.layout == "NHWC" else ""
+        raise invalid(f"{field}.input_shape", f"{given} given, but {rec.input_where}, which means input_shape "
+                                              f"{list(rec.input_shape)}{order}: pass --input-shape "
+                                              f"{_flag(rec.input_shape)}, or leave it out to read it from the file")
+    elif rec.input_channels is not None and (len(given) != 3 or given[0] != rec.input_channels):
+        plural = "s" if rec.input_channels != 1 else ""
+        raise invalid(f"{field}.input_shape", f"{given} given, but {rec.input_where}: it takes images of "
+                                              f"{rec.input_channels} channel{plural}, input_shape "
+                                              f"[{rec.input_channels}, H, W]")
+    elif rec.input_size is not None and _numel(given) != rec.input_size:
+        raise invalid(f"{field}.input_shape", f"{given} given ({_numel(given)} values), but {rec.input_where}: it "
+                                              f"takes {rec.input_size} values per example")
+    if rec.num_classes is not None:
+        if spec.num_classes == 0:
+            spec.num_classes = rec.num_classes
+        elif spec.num_classes != rec.num_classes:
+            raise invalid(f"{field}.num_classes", f"{spec.num_classes} given, but {rec.classes_where}: "
+                                                  f"{rec.num_classes} classes; pass --num-classes {rec.num_classes}, "
+                                                  "or leave it out to read it from the file")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 class Registry:
@@ -141,14 +204,26 @@ class Registry:
     # ------------------------------------------------------------------ models
     def register_model(self, spec: res.ModelSpec, file: Path, sha256: str, size: int, *, source: str,
                        lineage: Optional[dict] = None) -> res.Model:
-        """Validate (load and run once), then move ``file`` into place and record it."""
-        validate_model_spec(spec)
+        """Validate (load and run once), then move ``file`` into place and record it. An empty
+        input_shape or a num_classes of 0 is read from the file where it records them."""
+        validate_model_spec(spec, complete=False)
+        given_shape, given_classes = bool(spec.input_shape), spec.num_classes != 0
+        complete_model_spec(spec, file)
+        if spec.format == res.SAFETENSORS and spec.num_classes == 0:
+            raise invalid("spec.num_classes", f"required: the weights of {spec.architecture} do not record it "
+                                              "(no 'head.weight'); pass --num-classes N")
+        validate_model_spec(spec, complete=spec.num_classes != 0)
         info = model_info(spec)
         try:
             model = load_model(file, FORMAT_NAMES[spec.format], info, "cpu", spec.layout, spec.value_range)
-            check_model(model, "cpu")
+            found = check_model(model, "cpu")
+        except ShapeMismatch as exc:
+            given = given_shape if exc.field == "input_shape" else given_classes
+            raise invalid(f"spec.{exc.field}" if given else "chunk", str(exc)) from exc
         except ModelLoadError as exc:
             raise invalid("chunk", str(exc)) from exc
+        if spec.num_classes == 0:  # not recorded (TorchScript, dynamic outputs): measured by the run
+            spec.num_classes = found
         model_id = new_id("m")
         folder = self.models_dir / model_id
         folder.mkdir(parents=True)

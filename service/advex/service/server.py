@@ -14,7 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from advex.engine.models import device_for
-from advex.service.config import ServerConfig
+from advex.service.config import ServerConfig, address, bare_host
+from advex.service.listen import ListenError, check_server_addresses, reason
 from advex.service.metrics import Metrics
 from advex.service.operations import OperationManager
 from advex.service.registry import Registry
@@ -25,6 +26,7 @@ from advex.v1 import robustness_pb2, robustness_pb2_grpc
 log = logging.getLogger("advex.server")
 SERVICE_NAME = robustness_pb2.DESCRIPTOR.services_by_name["Robustness"].full_name
 MAX_MESSAGE = 64 << 20
+__all__ = ["ListenError", "RunningServer", "start", "serve"]
 
 
 @dataclass
@@ -49,35 +51,70 @@ class RunningServer:
         self.store.close()
         if self.metrics_http is not None:
             self.metrics_http[0].shutdown()
+            self.metrics_http[0].server_close()  # and free the port
 
 
 async def start(cfg: ServerConfig) -> RunningServer:
-    """Start serving on cfg.host:cfg.port (port 0 = any free port; see .port)."""
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    device = device_for(cfg.device)
-    store = Store(cfg.store_path)
-    metrics = Metrics()
-    registry = Registry(store, cfg.artifacts, list(cfg.data_roots), device)
-    ops = OperationManager(store, metrics, workers=cfg.workers, max_queue=cfg.max_queue)
-    ops.start(asyncio.get_running_loop())
+    """Start serving on cfg.host:cfg.port (port 0 = any free port; see .port). Both addresses
+    are taken before the data dir is touched, so a second server on a port in use leaves the
+    first one's store, uploads and operations alone: it raises ListenError, having released
+    what it took."""
+    host = bare_host(cfg.host)
+    check_server_addresses(host, cfg.port, cfg.metrics_port)
+    # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and quietly
+    # take a share of the new connections. Off, binding a port in use fails.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE)])
-    robustness_pb2_grpc.add_RobustnessServicer_to_server(
-        RobustnessServicer(cfg, registry, ops, metrics, device), server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
-    await server.start()
+                                      ("grpc.max_send_message_length", MAX_MESSAGE),
+                                      ("grpc.so_reuseport", 0)])
+    metrics = Metrics()
+    metrics_http = None
+    store: Optional[Store] = None
+    ops: Optional[OperationManager] = None
+    try:
+        try:
+            port = server.add_insecure_port(address(host, cfg.port))
+        except RuntimeError as exc:  # grpcio >= 1.5x raises; older ones return 0
+            port = 0
+            cause: Optional[BaseException] = exc
+        else:
+            cause = None
+        if port == 0:
+            raise ListenError(f"cannot listen on {address(host, cfg.port)}: gRPC could not bind it "
+                              "(in use, or not an address of this machine)") from cause
+        if cfg.metrics_port:
+            try:
+                metrics_http = metrics.serve(cfg.metrics_port, host)
+            except OSError as exc:
+                raise ListenError(f"cannot serve metrics on {address(host, cfg.metrics_port)}: "
+                                  f"{reason(exc, '--metrics-port')}") from exc
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        device = device_for(cfg.device)
+        store = Store(cfg.store_path)
+        registry = Registry(store, cfg.artifacts, list(cfg.data_roots), device)
+        ops = OperationManager(store, metrics, workers=cfg.workers, max_queue=cfg.max_queue)
+        ops.start(asyncio.get_running_loop())
+        robustness_pb2_grpc.add_RobustnessServicer_to_server(
+            RobustnessServicer(cfg, registry, ops, metrics, device), server)
+        health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        await server.start()
+    except BaseException:
+        if metrics_http is not None:
+            metrics_http[0].shutdown()
+            metrics_http[0].server_close()
+        await server.stop(grace=None)
+        if ops is not None:
+            await ops.shutdown(0)
+        if store is not None:
+            store.close()
+        raise
     for name in ("", SERVICE_NAME):
         res = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if asyncio.iscoroutine(res):
             await res
-    metrics_http = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port else None
-    log.info("advex serving on %s:%d (device %s, data dir %s, datasets %s)", cfg.host, port, device,
+    log.info("advex serving on %s (device %s, data dir %s, datasets %s)", address(host, port), device,
              cfg.data_dir, sorted(registry.builtins))
     return RunningServer(server, port, cfg, store, ops, metrics, registry, health_servicer, metrics_http)
 
@@ -85,8 +122,9 @@ async def start(cfg: ServerConfig) -> RunningServer:
 async def serve(cfg: ServerConfig, ready: Optional[asyncio.Event] = None) -> None:
     """Run until SIGTERM / SIGINT, then shut down gracefully."""
     running = await start(cfg)
-    print(f"advex: serving on {cfg.host}:{running.port}"
-          + (f", metrics on http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else ""), flush=True)
+    print(f"advex: serving on {address(cfg.host, running.port)}"
+          + (f", metrics on http://{address(cfg.host, cfg.metrics_port)}/metrics" if cfg.metrics_port else ""),
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
