@@ -63,8 +63,8 @@ class CifarResNet(ZooNet):
 
 
 class MLP(ZooNet):
-    """One hidden layer on flattened inputs (synthetic distributions); g is its pre-activation, as
-    in SmallCNN. activation: relu (default), gelu or softplus."""
+    """One hidden layer on flattened inputs (synthetic distributions); g is the hidden layer's
+    output after its activation, as in SmallCNN. activation: relu (default), gelu or softplus."""
 
     def __init__(self, in_features: int, num_classes: int = 2, hidden: int = 64, activation: str = "relu") -> None:
         super().__init__()
