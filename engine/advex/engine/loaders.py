@@ -3,11 +3,15 @@
 Formats: "safetensors" (weights for a zoo architecture), "torchscript" (torch.jit archive),
 "torch_export" (torch.export program, .pt2). Plain pickled checkpoints are never unpickled
 with code execution; ``load_checkpoint_weights`` uses ``torch.load(weights_only=True)``.
+torch.export / TorchScript archives are checked by ``check_archive`` before torch reads them
+(see the section at the end of this module for what is refused and why).
 """
 from __future__ import annotations
 
 import re
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,10 +43,12 @@ def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device
             _check_state(net, state, info)
             net.load_state_dict(state)
         elif fmt == "torchscript":
+            check_archive(path, fmt)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript is deprecated from torch 2.14
                 net = torch.jit.load(str(path), map_location="cpu")
         elif fmt == "torch_export":
+            check_archive(path, fmt)
             net = torch.export.load(str(path)).module()
         elif fmt == "onnx":
             from advex.engine.onnx_model import OnnxNet
@@ -165,6 +171,7 @@ def read_recorded(path: str | Path, fmt: str, architecture: str = "", layout: st
         if fmt == "onnx":
             return _read_onnx(path, layout)
         if fmt == "torch_export":
+            check_archive(path, fmt)
             return _read_export(path)
         if fmt == "safetensors":
             return _read_safetensors(path, architecture)
@@ -285,3 +292,343 @@ def save_safetensors(net: nn.Module, path: str | Path) -> None:
 def load_checkpoint_weights(path: str | Path) -> dict:
     """A plain PyTorch checkpoint's tensors, with pickle restricted to tensors and containers."""
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------ archives checked before loading
+#
+# torch.export.load and torch.jit.load parse more than tensors. What a .pt2 archive can make them
+# do, seen in torch 2.14's torch/export/pt2_archive/_package.py and torch/_export/serde:
+#   - weights / constants marked use_pickle -> torch.load(weights_only=False): any Python code;
+#   - constants named opaque_obj_* -> pickle.loads; custom_obj_* -> TorchScript objects;
+#   - legacy data/weights/<model>.pt, data/constants/<model>.pt and the sample inputs -> torch.load
+#     with weights_only=True that falls back to weights_only=False when it fails;
+#   - data/aotinductor/ -> a compiled shared library, loaded and run;
+#   - expr_str of symbolic shapes -> sympy.sympify, which evaluates Python;
+#   - guards_code -> exec'd when .module() is called;
+#   - node targets "torch.<anything>" -> getattr from the torch module (torch.os.system, torch.save).
+# A TorchScript archive's pickles go through TorchScript's own unpickler (only __torch__ classes and
+# torch's tensor rebuilders), but its code may call aten::save / aten::from_file (files on the
+# server). Archives with any of these are refused here, before torch sees them.
+
+class UnsafeModel(ModelLoadError):
+    """The archive holds something that would run code or touch files when loaded or run."""
+
+
+MAX_MEMBER_READ = 64 << 20          # a config / program / pickle member read for checking
+MAX_ARCHIVE_MEMBERS = 100_000
+_NO_PICKLE_HINT = ("export without pickled parts: plain torch.Tensor parameters and buffers (no tensor "
+                   "subclasses, no custom or opaque objects), saved with torch.export.save(ep, 'model.pt2')")
+
+
+def check_archive(path: str | Path, fmt: str) -> None:
+    """Refuse, without loading it, a torch_export / torchscript archive that would run code when
+    loaded (pickled parts, compiled libraries, Python expressions) or touch files when run.
+    Raises UnsafeModel (a ModelLoadError) naming what was found; other formats pass."""
+    try:
+        if fmt == "torch_export":
+            _check_export_archive(Path(path))
+        elif fmt == "torchscript":
+            _check_torchscript_archive(Path(path))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a damaged archive (bad CRC, truncated member, ...)
+        raise ModelLoadError(f"cannot load {fmt} model: the archive is damaged ({_one_line(exc)})") from exc
+
+
+def _open_archive(path: Path, fmt: str):
+    import zipfile
+
+    try:
+        zf = zipfile.ZipFile(path)
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ModelLoadError(f"cannot load {fmt} model: not a zip archive ({exc})") from exc
+    if not infos:
+        raise ModelLoadError(f"cannot load {fmt} model: the archive is empty")
+    if len(infos) > MAX_ARCHIVE_MEMBERS:
+        raise UnsafeModel(f"the {fmt} archive has {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS} are accepted")
+    members: dict[str, object] = {}
+    root = infos[0].filename.split("/", 1)[0]
+    for info in infos:
+        name = info.filename
+        parts = name.split("/")
+        if (len(parts) < 2 or parts[0] != root or "\\" in name or "\x00" in name or name.startswith("/")
+                or any(p in ("", ".", "..") for p in parts[:-1])):
+            raise UnsafeModel(f"the {fmt} archive has a member {_short(name)} outside its single top folder "
+                              f"{_short(root)}; save it again with torch's own writer")
+        rel = name[len(root) + 1:]
+        if rel in members:
+            raise UnsafeModel(f"the {fmt} archive names member {_short(name)} twice")
+        if info.flag_bits & 0x1:
+            raise UnsafeModel(f"the {fmt} archive's member {_short(name)} is encrypted")
+        members[rel] = info
+    return zf, members
+
+
+def _read_member(zf, info, what: str) -> bytes:
+    if info.file_size > MAX_MEMBER_READ:
+        raise UnsafeModel(f"{what} ({_short(info.filename)}) is {info.file_size} bytes; at most "
+                          f"{MAX_MEMBER_READ} are accepted")
+    try:
+        with zf.open(info) as f:
+            data = f.read(MAX_MEMBER_READ + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:  # damaged member
+        raise UnsafeModel(f"{what} ({_short(info.filename)}) cannot be read: the archive is damaged "
+                          f"({type(exc).__name__})") from None
+    if len(data) > MAX_MEMBER_READ:
+        raise UnsafeModel(f"{what} ({_short(info.filename)}) is larger than it says")
+    return data
+
+
+def _short(value, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
+
+
+_EXPORT_MEMBERS = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/weights/model_weights_config\.json|data/weights/weight_\d{1,9}"
+    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d{1,9}"
+    r"|data/sample_inputs/model\.pt|extra/[A-Za-z0-9_.-]{1,128}")
+
+
+def _check_export_archive(path: Path) -> None:
+    import io
+    import json
+
+    zf, members = _open_archive(path, "torch_export")
+    with zf:
+        for rel, info in members.items():
+            if _EXPORT_MEMBERS.fullmatch(rel):
+                continue
+            if rel.startswith("data/aotinductor/"):
+                why = "AOTInductor-compiled code (a shared library that would be loaded and run)"
+            elif "custom_obj_" in rel or "opaque_obj_" in rel:
+                why = "a pickled Python / TorchScript object, which would be unpickled with code execution"
+            elif rel.endswith(".pt"):
+                why = "pickled weights or constants (legacy layout), which may be unpickled with code execution"
+            else:
+                why = "a part advex does not load"
+            raise UnsafeModel(f"refused: the torch_export archive holds {_short(rel)}: {why}; {_NO_PICKLE_HINT}")
+        fmt_member = members.get("archive_format")
+        if fmt_member is not None and _read_member(zf, fmt_member, "archive_format").strip() != b"pt2":
+            raise ModelLoadError("cannot load torch_export model: archive_format is not 'pt2' "
+                                 "(save it with torch.export.save)")
+        if "models/model.json" not in members:
+            raise ModelLoadError("cannot load torch_export model: the archive has no models/model.json "
+                                 "(save it with torch.export.save)")
+        for kind, config, prefix in (("weight", "data/weights/model_weights_config.json", "weight_"),
+                                     ("constant", "data/constants/model_constants_config.json", "tensor_")):
+            if config in members:
+                _check_payload_config(_read_member(zf, members[config], config), kind, prefix, config)
+        sample = members.get("data/sample_inputs/model.pt")
+        if sample is not None and sample.file_size:
+            # torch loads it with weights_only=True and, when that fails, again with weights_only=False
+            try:
+                loaded = torch.load(io.BytesIO(_read_member(zf, sample, "sample inputs")), map_location="cpu",
+                                    weights_only=True)
+            except Exception as exc:
+                raise UnsafeModel(f"refused: the torch_export archive's sample inputs (data/sample_inputs/model.pt) "
+                                  f"are a pickle that loads only with code execution ({_one_line(exc)}); "
+                                  f"{_NO_PICKLE_HINT}") from exc
+            if not isinstance(loaded, (tuple, dict)):
+                raise UnsafeModel("refused: the torch_export archive's sample inputs are not a tuple of tensors")
+        try:
+            program = json.loads(_read_member(zf, members["models/model.json"], "models/model.json"))
+        except (ValueError, RecursionError) as exc:
+            raise ModelLoadError(f"cannot load torch_export model: models/model.json is not JSON ({exc})") from exc
+    _check_program_json(program)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _check_payload_config(raw: bytes, kind: str, prefix: str, where: str) -> None:
+    import json
+
+    try:
+        config = json.loads(raw)
+        entries = config["config"]
+        if not isinstance(entries, dict):
+            raise TypeError("'config' is not an object")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ModelLoadError(f"cannot load torch_export model: {where} is not a payload config ({exc})") from exc
+    for fqn, meta in entries.items():
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"cannot load torch_export model: {where}: entry {_short(fqn)} is not an object")
+        if meta.get("use_pickle"):
+            raise UnsafeModel(f"refused: the torch_export archive stores {kind} {_short(fqn)} as a pickle "
+                              f"({where} says use_pickle), which torch.export.load unpickles with code execution; "
+                              f"{_NO_PICKLE_HINT}")
+        name = meta.get("path_name")
+        if not isinstance(name, str) or not re.fullmatch(re.escape(prefix) + r"\d{1,9}", name):
+            raise UnsafeModel(f"refused: {where}: {kind} {_short(fqn)} is stored as {_short(name)}, not a raw "
+                              f"tensor file {prefix}N; {_NO_PICKLE_HINT}")
+        if not isinstance(meta.get("tensor_meta"), dict):
+            raise UnsafeModel(f"refused: {where}: {kind} {_short(fqn)} has no tensor_meta (not a plain tensor); "
+                              f"{_NO_PICKLE_HINT}")
+
+
+# operators a torch.export program may call: torch's own, never Python functions reached through
+# torch's namespace (torch.save, torch.os.system, ...) nor file access
+_OP_TARGET = re.compile(r"torch\.ops\.(aten|prims|higher_order|quantized_decomposed|quantized|torchvision)"
+                        r"\.([A-Za-z_][A-Za-z0-9_]*)(\.[A-Za-z_][A-Za-z0-9_]*)?")
+_DENIED_OPS = {"save", "from_file", "_save", "load", "load_tensor"}
+_PY_TARGETS = ({f"_operator.{n}" for n in (
+    "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt",
+    "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "index", "truth")}
+               | {f"math.{n}" for n in ("ceil", "floor", "trunc", "sqrt", "exp", "log", "log2", "pow", "fabs", "isnan",
+                                        "isinf", "sin", "cos", "tan", "tanh")}
+               | {f"torch.{n}" for n in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite",
+                                         "sym_sqrt", "_sym_sqrt", "sym_sum", "sym_and", "sym_or", "_check",
+                                         "_check_is_size", "_assert", "_assert_async")})
+_SYMPY_NAMES = {
+    "Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or",
+    "Not", "Piecewise", "Mul", "Add", "Pow", "floor", "ceiling", "sqrt", "oo", "zoo", "nan", "true", "false",
+    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
+    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "TrueDiv",
+    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat",
+    "Identity", "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "BitwiseFn_bitwise_xor"}
+_SYMBOL = re.compile(r"[a-z]{1,6}\d{1,9}")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_TENSOR_METHODS = {"size", "stride", "storage_offset", "dim", "numel", "shape"}
+_MAX_EXPR = 10_000
+
+
+def _check_program_json(program) -> None:
+    if not isinstance(program, dict):
+        raise ModelLoadError("cannot load torch_export model: models/model.json is not an exported program")
+    guards = program.get("guards_code") or []
+    if not isinstance(guards, list):
+        raise UnsafeModel("refused: the program's guards_code is not a list of guards")
+    for guard in guards:
+        _check_expr(guard, "guard")
+    ranges = program.get("range_constraints") or {}
+    if isinstance(ranges, dict):
+        for name in ranges:
+            if not (isinstance(name, str) and _SYMBOL.fullmatch(name)):
+                _check_expr(name, "range constraint")
+    stack = [program]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            target = node.get("target")
+            if isinstance(target, str) and "inputs" in node and "outputs" in node:
+                _check_target(target)
+            for key, value in node.items():
+                if key == "expr_str":
+                    _check_expr(value, "symbolic shape")
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+
+
+def _check_target(target: str) -> None:
+    m = _OP_TARGET.fullmatch(target)
+    if m is not None and m.group(2) not in _DENIED_OPS:
+        return
+    if target in _PY_TARGETS:
+        return
+    why = "file access" if m is not None else "not a torch operator"
+    raise UnsafeModel(f"refused: the program calls {_short(target)} ({why}); advex runs programs made of "
+                      "torch.ops.aten / prims / higher_order operators only")
+
+
+def _check_expr(text, what: str) -> None:
+    """A symbolic-shape expression (sympy.sympify evaluates it as Python) or a guard (exec'd by
+    torch.export): only names of symbols and of sympy / shape functions, numbers and arithmetic."""
+    import ast
+
+    if not isinstance(text, str) or len(text) > _MAX_EXPR or any(c in text for c in "\"\\\n\r\x00;"):
+        raise UnsafeModel(f"refused: the program's {what} {_short(text)} is not a plain shape expression")
+    try:
+        tree = ast.parse(text, mode="eval")
+        nodes = list(ast.walk(tree))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise UnsafeModel(f"refused: the program's {what} {_short(text)} does not parse as an expression") from exc
+    guard = what == "guard"
+    plain = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Tuple, ast.keyword, ast.Load,
+             ast.operator, ast.unaryop, ast.boolop, ast.cmpop)
+    for n in nodes:
+        ok = isinstance(n, plain)
+        if isinstance(n, ast.Constant):
+            v = n.value
+            ok = v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and bool(_IDENT.fullmatch(v)))
+        elif isinstance(n, ast.Name):
+            ok = n.id in _SYMPY_NAMES or bool(_SYMBOL.fullmatch(n.id)) or (guard and n.id in ("L", "math"))
+        elif isinstance(n, ast.Call):
+            f = n.func
+            ok = ((isinstance(f, ast.Name) and f.id in _SYMPY_NAMES)
+                  or (guard and isinstance(f, ast.Attribute) and (f.attr in _TENSOR_METHODS
+                                                                   or f"math.{f.attr}" in _PY_TARGETS)))
+        elif isinstance(n, ast.Attribute):
+            ok = guard and not n.attr.startswith("_") and (
+                n.attr in _TENSOR_METHODS or (isinstance(n.value, ast.Name) and n.value.id == "math"
+                                              and f"math.{n.attr}" in _PY_TARGETS))
+        elif isinstance(n, ast.Subscript):
+            ok = guard
+        if not ok:
+            raise UnsafeModel(f"refused: the program's {what} {_short(text)} is not a plain shape expression "
+                              f"({type(n).__name__} {_short(getattr(n, 'id', getattr(n, 'attr', '')))} is not "
+                              "allowed): torch would evaluate it as Python")
+
+
+# TorchScript: its unpickler resolves only these (anything else fails in torch.jit.load anyway)
+_TS_GLOBAL_MODULES = {"torch", "torch._utils", "torch.jit._pickle", "collections", "builtins"}
+_TS_DENIED_CODE = re.compile(r"\b(?:torch|aten|ops\s*\.\s*aten)\s*\.\s*(?:save|from_file|_save)\b"
+                             r"|\bops\s*\.\s*(?:debugprims|_c10d_functional|c10d|symm_mem)\b")
+
+
+def _check_torchscript_archive(path: Path) -> None:
+    import pickletools
+
+    zf, members = _open_archive(path, "torchscript")
+    with zf:
+        if "data.pkl" not in members:
+            raise ModelLoadError("cannot load torchscript model: the archive has no data.pkl "
+                                 "(save it with torch.jit.save)")
+        for rel, info in members.items():
+            if rel.endswith(".pkl") or rel.endswith(".debug_pkl"):
+                data = _read_member(zf, info, rel)
+                for op_name in (b"aten::save", b"aten::from_file"):
+                    if op_name in data:
+                        raise UnsafeModel(f"refused: the torchscript archive's {_short(rel)} names "
+                                          f"{op_name.decode()}, which reads or writes files on the server")
+                try:
+                    for op, arg, _ in pickletools.genops(data):
+                        if op.name in ("GLOBAL", "INST"):
+                            module, _, name = str(arg).partition(" ")
+                            if not _ts_global_ok(module, name):
+                                raise UnsafeModel(
+                                    f"refused: the torchscript archive's {_short(rel)} names the Python global "
+                                    f"{_short(module + '.' + name)}: TorchScript archives hold only __torch__ "
+                                    "classes and tensors; save the module with torch.jit.save(torch.jit.script(m))")
+                        elif op.name in ("STACK_GLOBAL", "OBJ", "EXT1", "EXT2", "EXT4"):
+                            raise UnsafeModel(f"refused: the torchscript archive's {_short(rel)} uses pickle opcode "
+                                              f"{op.name}, which torch.jit.save never writes")
+                except UnsafeModel:
+                    raise
+                except Exception as exc:
+                    raise ModelLoadError(f"cannot load torchscript model: {_short(rel)} is not a valid pickle "
+                                         f"({_one_line(exc)})") from exc
+            elif rel.startswith("code/") and rel.endswith(".py"):
+                code = _read_member(zf, info, rel).decode("utf-8", "replace")
+                found = _TS_DENIED_CODE.search(code)
+                if found:
+                    raise UnsafeModel(f"refused: the torchscript program's code ({_short(rel)}) calls "
+                                      f"{_short(found.group(0))}, which reads or writes files on the server")
+
+
+def _ts_global_ok(module: str, name: str) -> bool:
+    if not _IDENT.fullmatch(name or "") or name.startswith("__"):
+        return False
+    if module == "__torch__" or module.startswith("__torch__."):
+        return True
+    if module == "collections":
+        return name == "OrderedDict"
+    if module == "builtins":
+        return name in ("set", "frozenset", "complex", "slice")
+    return module in _TS_GLOBAL_MODULES

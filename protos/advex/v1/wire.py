@@ -39,14 +39,36 @@ def to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=name, shape=list(a.shape), data=a.tobytes())
 
 
+MAX_DIMS = 8
+_MAX_NOMINAL_BYTES = 1 << 62  # numpy's own limit on shape x itemsize (zero dims counted as 1)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
-    """Tensor -> read-only numpy array in native byte order; raises WireError naming `field`."""
+    """Tensor -> read-only numpy array in native byte order; raises WireError naming `field` for
+    anything that does not describe an array: an unknown dtype, more than MAX_DIMS dims, a
+    negative dim, a shape too large for any array (computed exactly: no int64 wrap-around), or a
+    byte count that does not match the shape."""
     if t.dtype not in DTYPES:
-        raise WireError(field, f"unsupported dtype {t.dtype!r}; expected one of {sorted(DTYPES)}")
-    if any(s < 0 for s in t.shape):
-        raise WireError(field, f"negative dimension in shape {list(t.shape)}")
+        raise WireError(field, f"unsupported dtype {_short(t.dtype)}; expected one of {sorted(DTYPES)}")
+    shape = [int(s) for s in t.shape]
+    if len(shape) > MAX_DIMS:
+        raise WireError(field, f"{len(shape)} dims; at most {MAX_DIMS} are supported")
+    if any(s < 0 for s in shape):
+        raise WireError(field, f"negative dimension in shape {shape}")
     dt = DTYPES[t.dtype]
-    count = int(np.prod(t.shape, dtype=np.int64)) if len(t.shape) else 1
+    nominal = dt.itemsize
+    for s in shape:  # Python ints: no silent int64 wrap-around
+        nominal *= max(s, 1)
+    if nominal >= _MAX_NOMINAL_BYTES:
+        raise WireError(field, f"shape {shape} of {t.dtype} is too large to describe an array")
+    count = 1
+    for s in shape:
+        count *= s
     if count * dt.itemsize != len(t.data):
-        raise WireError(field, f"shape {list(t.shape)} of {t.dtype} needs {count * dt.itemsize} bytes, got {len(t.data)}")
-    return np.frombuffer(t.data, dtype=dt).reshape(tuple(t.shape)).astype(dt.newbyteorder("="), copy=False)
+        raise WireError(field, f"shape {shape} of {t.dtype} needs {count * dt.itemsize} bytes, got {len(t.data)}")
+    return np.frombuffer(t.data, dtype=dt).reshape(tuple(shape)).astype(dt.newbyteorder("="), copy=False)

@@ -102,6 +102,16 @@ class ServerConfig:
     max_restarts: int = _setting(
         100, minimum=0, metavar="N",
         help="most random restarts an attack may ask for (0 = none allowed)")
+    max_dataset_mb: int = _setting(
+        2048, minimum=1, metavar="MB",
+        help="largest decompressed dataset (.npz) upload, in MiB; checked from the archive's headers before "
+             "anything is decompressed (and an archive may expand at most 100:1)")
+    upload_check_timeout_s: float = _setting(
+        120.0, minimum=1.0, metavar="SECONDS",
+        help="wall-clock limit for checking an uploaded program (torch.export, TorchScript, ONNX) in a child process")
+    upload_check_memory_mb: int = _setting(
+        4096, minimum=64, metavar="MB",
+        help="memory (address space) the check of an uploaded program may add, in MiB")
     token: Optional[str] = _setting(
         None, metavar="TOKEN", shown="none",
         help="when set, every call must send the header 'authorization: Bearer TOKEN'")

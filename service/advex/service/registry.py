@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import shutil
 import threading
 import uuid
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,18 +24,56 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from advex.engine import data as data_mod
 from advex.engine.data import ArrayDataset, DataError, TsiprasParams
-from advex.engine.loaders import (ModelLoadError, Recorded, ShapeMismatch, check_model, load_model,
+from advex.engine.loaders import (ModelLoadError, Recorded, ShapeMismatch, check_archive, check_model, load_model,
                                   read_recorded, safetensors_bytes)
 from advex.engine.models import ModelInfo, ModelWrapper
-from advex.engine.zoo import ARCHITECTURES
-from advex.service.errors import ServiceError, invalid, not_found, precondition
+from advex.engine.zoo import ACTIVATIONS, ARCHITECTURES
+from advex.service import sandbox
+from advex.service.config import ServerConfig
+from advex.service.errors import ServiceError, invalid, precondition
 from advex.service.store import Store
+from advex.service.text import quote
 from advex.v1 import resources_pb2 as res
 
 FORMAT_NAMES = {res.SAFETENSORS: "safetensors", res.TORCHSCRIPT: "torchscript", res.TORCH_EXPORT: "torch_export",
                 res.ONNX: "onnx"}
 FORMAT_EXT = {res.SAFETENSORS: ".safetensors", res.TORCHSCRIPT: ".pt", res.TORCH_EXPORT: ".pt2", res.ONNX: ".onnx"}
 TSIPRAS = "tsipras"
+
+# bounds on what a client declares (see validate_model_spec / register_dataset)
+MAX_NAME = 128                    # names, label values, class names: printable, at most this long
+MAX_DIM = 4096                    # each input dimension
+MAX_INPUT_ELEMENTS = 3 * 1024 * 1024   # values per example
+MAX_CLASSES = 100_000
+MAX_LABELS = 64                   # ModelSpec.labels entries
+MAX_ARCH_ARGS = 16
+MAX_ZOO_PARAMS = 1 << 28          # parameters of a zoo network built from a spec (1 GiB of float32)
+MAX_ZOO_ACTIVATIONS = 1 << 26     # values of its widest layer, per example
+ARCH_ARGS = {"small_cnn": {"width": (1, 512)}, "mlp": {"hidden": (1, 65536), "activation": None},
+             "resnet18": {}, "resnet50": {}, "linear": {}}
+SPLIT_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+LABEL_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}")
+MAX_ID = 128
+DEFAULT_MAX_DATASET_MB = ServerConfig.max_dataset_mb     # decompressed size of an uploaded .npz (a setting)
+NPZ_MEMBERS = ("x.npy", "y.npy")
+NPZ_MAX_RATIO = 100               # decompressed : uploaded, beyond NPZ_RATIO_FROM bytes (zip bombs)
+NPZ_RATIO_FROM = 16 << 20
+X_DTYPES = ("uint8", "float32")
+
+
+def check_text(value: str, field: str, *, limit: int = MAX_NAME) -> None:
+    """A client-supplied name: printable (no control characters, no NUL), at most ``limit`` long."""
+    if len(value) > limit:
+        raise invalid(field, f"at most {limit} characters, got {len(value)}: {quote(value)}")
+    if not value.isprintable():
+        raise invalid(field, f"must be printable text without control characters, got {quote(value)}")
+
+
+def check_split(split: str, field: str = "header.split") -> None:
+    """A split name is a file-name-safe word: it never becomes a path, but is shown and compared."""
+    if not SPLIT_PATTERN.fullmatch(split):
+        raise invalid(field, f"must be a letter then up to 31 letters, digits, '_' or '-' "
+                             f"(e.g. train, test, val), got {quote(split)}")
 
 
 def new_id(prefix: str) -> str:
@@ -98,13 +139,31 @@ def model_info(spec: res.ModelSpec) -> ModelInfo:
 
 def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: bool = True) -> None:
     """complete=False: an upload's spec, where input_shape (empty) and num_classes (0) may be
-    left for the server to read from the file; what is given is still checked."""
+    left for the server to read from the file; what is given is still checked. Every number and
+    name a client sends is bounded here (see the MAX_* constants)."""
     if spec.format not in FORMAT_NAMES:
         raise invalid(f"{field}.format", "required: SAFETENSORS, TORCHSCRIPT, TORCH_EXPORT or ONNX")
+    check_text(spec.name, f"{field}.name")
+    check_text(spec.architecture, f"{field}.architecture", limit=64)
     if spec.layout not in ("", "NCHW", "NHWC"):
-        raise invalid(f"{field}.layout", f"must be NCHW or NHWC, got {spec.layout!r}")
+        raise invalid(f"{field}.layout", f"must be NCHW or NHWC, got {quote(spec.layout)}")
     if spec.value_range not in ("", "0-1", "0-255"):
-        raise invalid(f"{field}.value_range", f"must be '0-1' or '0-255', got {spec.value_range!r}")
+        raise invalid(f"{field}.value_range", f"must be '0-1' or '0-255', got {quote(spec.value_range)}")
+    _check_labels(spec, field)
+    if spec.num_classes > MAX_CLASSES:
+        raise invalid(f"{field}.num_classes", f"at most {MAX_CLASSES}, got {spec.num_classes}")
+    if len(spec.input_shape) > 3 or any(s <= 0 or s > MAX_DIM for s in spec.input_shape):
+        raise invalid(f"{field}.input_shape", f"need 1 to 3 dims without the batch dim, each in [1, {MAX_DIM}], "
+                                              f"got {quote(list(spec.input_shape))}")
+    if spec.input_shape and _numel(spec.input_shape) > MAX_INPUT_ELEMENTS:
+        raise invalid(f"{field}.input_shape", f"{list(spec.input_shape)} is {_numel(spec.input_shape)} values per "
+                                              f"example; at most {MAX_INPUT_ELEMENTS} are accepted")
+    for name in ("mean", "std"):
+        values = list(getattr(spec, name))
+        if len(values) > MAX_DIM:
+            raise invalid(f"{field}.{name}", f"at most {MAX_DIM} values (one per channel), got {len(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise invalid(f"{field}.{name}", f"values must be finite numbers, got {quote(values)}")
     if (spec.layout or spec.value_range) and spec.format != res.ONNX:
         raise invalid(f"{field}.layout", "layout and value_range are declared for ONNX graphs only")
     if spec.format == res.SAFETENSORS and spec.architecture not in ARCHITECTURES:
@@ -113,8 +172,9 @@ def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: b
         raise invalid(f"{field}.num_classes", f"must be >= 2, got {spec.num_classes}")
     if complete and not spec.input_shape:
         raise invalid(f"{field}.input_shape", "required: 1 to 3 positive dims without the batch dim, e.g. [3, 32, 32]")
-    if any(s <= 0 for s in spec.input_shape) or len(spec.input_shape) > 3:
-        raise invalid(f"{field}.input_shape", f"need 1 to 3 positive dims without the batch dim, got {list(spec.input_shape)}")
+    if any(s <= 0 for s in spec.std):
+        raise invalid(f"{field}.std", "values must be > 0")
+    _check_arch_args(spec, field)
     if not spec.input_shape:
         return  # mean / std are checked against the channels once the shape is known
     channels = spec.input_shape[0] if len(spec.input_shape) == 3 else 1
@@ -124,8 +184,75 @@ def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: b
             raise invalid(f"{field}.{name}", f"need 1 or {channels} values (one per channel), got {len(values)}")
     if len(spec.mean) != len(spec.std) and spec.mean and spec.std:
         raise invalid(f"{field}.std", "mean and std must have the same length")
-    if any(s <= 0 for s in spec.std):
-        raise invalid(f"{field}.std", "values must be > 0")
+
+
+def _check_labels(spec: res.ModelSpec, field: str) -> None:
+    if len(spec.labels) > MAX_LABELS:
+        raise invalid(f"{field}.labels", f"at most {MAX_LABELS} labels, got {len(spec.labels)}")
+    for key, value in spec.labels.items():
+        if not LABEL_KEY_PATTERN.fullmatch(key):
+            raise invalid(f"{field}.labels", f"a key is a letter or digit then up to 62 of letters, digits, "
+                                             f"'_', '.', '-', '/', got {quote(key)}")
+        check_text(value, f"{field}.labels[{key}]")
+
+
+def _check_arch_args(spec: res.ModelSpec, field: str) -> None:
+    """Bounded for every format; for a zoo architecture the server builds (safetensors weights,
+    training) the known arguments within their ranges, and the network within MAX_ZOO_* ."""
+    args = dict(spec.arch_args)
+    if len(args) > MAX_ARCH_ARGS:
+        raise invalid(f"{field}.arch_args", f"at most {MAX_ARCH_ARGS} entries, got {len(args)}")
+    for key, value in args.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
+            raise invalid(f"{field}.arch_args", f"keys are identifiers of up to 64 characters, got {quote(key)}")
+        check_text(value, f"{field}.arch_args[{key}]", limit=MAX_NAME)
+    if spec.format != res.SAFETENSORS or spec.architecture not in ARCH_ARGS:
+        return  # informative only: nothing is built from them
+    known = ARCH_ARGS[spec.architecture]
+    for key, value in args.items():
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise invalid(f"{field}.arch_args", f"{spec.architecture} takes no argument {quote(key)} (it takes: {allowed})")
+        bounds = known[key]
+        if bounds is None:  # mlp activation
+            if value not in ACTIVATIONS:
+                raise invalid(f"{field}.arch_args[{key}]", f"must be one of {sorted(ACTIVATIONS)}, got {quote(value)}")
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            raise invalid(f"{field}.arch_args[{key}]", f"must be an integer, got {quote(value)}") from None
+        if not bounds[0] <= number <= bounds[1]:
+            raise invalid(f"{field}.arch_args[{key}]", f"must be in [{bounds[0]}, {bounds[1]}] for "
+                                                       f"{spec.architecture}, got {number}")
+    if spec.input_shape and spec.num_classes > 0:
+        params, widest = _zoo_size(spec.architecture, [int(s) for s in spec.input_shape], int(spec.num_classes), args)
+        if params > MAX_ZOO_PARAMS:
+            raise invalid(f"{field}.arch_args", f"{spec.architecture} with input {list(spec.input_shape)}, "
+                                                f"{spec.num_classes} classes and {args or 'default arguments'} has "
+                                                f"about {params} parameters; at most {MAX_ZOO_PARAMS} are accepted")
+        if widest > MAX_ZOO_ACTIVATIONS:
+            raise invalid(f"{field}.input_shape", f"{spec.architecture} on input {list(spec.input_shape)} "
+                                                  f"{'with ' + str(args) if args else ''} has layers of about {widest} "
+                                                  f"values per example; at most {MAX_ZOO_ACTIVATIONS} are accepted")
+
+
+def _zoo_size(arch: str, shape: list[int], classes: int, args: dict) -> tuple[int, int]:
+    """(parameters, values of the widest layer per example) of a zoo network, estimated."""
+    numel = _numel(shape)
+    pixels = shape[1] * shape[2] if len(shape) == 3 else numel
+    channels = shape[0] if len(shape) == 3 else 1
+    if arch == "small_cnn":
+        w = int(args.get("width", 32))
+        params = 9 * (channels * w + w * w + 2 * w * w + 4 * w * w + 8 * w * w) + 4 * w * (classes + 1)
+        return params, w * pixels
+    if arch in ("resnet18", "resnet50"):
+        base, feat, widest = (11_200_000, 512, 64) if arch == "resnet18" else (23_600_000, 2048, 256)
+        return base + 27 * 64 * channels + feat * (classes + 1), widest * pixels
+    if arch == "mlp":
+        h = int(args.get("hidden", 64))
+        return numel * h + h * (classes + 1), max(numel, h)
+    return numel * classes + classes, numel  # linear
 
 
 def _flag(values) -> str:
@@ -184,8 +311,121 @@ def _numel(shape) -> int:
     return n
 
 
+_ANSWER_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+                 "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def check_upload(spec_hex: str, path: str) -> dict:
+    """Complete and check an upload's spec against its file, load the model and run a batch of two
+    (on the CPU). spec_hex: the serialized ModelSpec in hex. Runs in a sandbox child for programs,
+    so it answers a JSON-able dict: input_shape,
+    num_classes, found (logits per example), has_features, has_gradients; or error (the message,
+    field included) and code; or limit "memory" when an allocation failed."""
+    spec = res.ModelSpec.FromString(bytes.fromhex(spec_hex))
+    file = Path(path)
+    try:
+        given_shape, given_classes = bool(spec.input_shape), spec.num_classes != 0
+        complete_model_spec(spec, file)
+        if spec.format == res.SAFETENSORS and spec.num_classes == 0:
+            raise invalid("spec.num_classes", f"required: the weights of {spec.architecture} do not record it "
+                                              "(no 'head.weight'); pass --num-classes N")
+        validate_model_spec(spec, complete=spec.num_classes != 0)
+        info = model_info(spec)
+        try:
+            model = load_model(file, FORMAT_NAMES[spec.format], info, "cpu", spec.layout, spec.value_range)
+            found = check_model(model, "cpu")
+        except ShapeMismatch as exc:
+            if sandbox.is_memory_error(exc):
+                raise
+            given = given_shape if exc.field == "input_shape" else given_classes
+            raise invalid(f"spec.{exc.field}" if given else "chunk", str(exc)) from exc
+        except ModelLoadError as exc:
+            if sandbox.is_memory_error(exc):
+                raise
+            raise invalid("chunk", str(exc)) from exc
+    except ServiceError as exc:
+        return {"error": exc.message, "code": exc.code.name}
+    except Exception as exc:
+        if sandbox.is_memory_error(exc):
+            return {"limit": "memory", "detail": " ".join(str(exc).split())[:300]}
+        raise
+    return {"input_shape": [int(v) for v in spec.input_shape], "num_classes": int(spec.num_classes), "found": found,
+            "has_features": bool(model.has_features), "has_gradients": bool(model.has_gradients)}
+
+
+def check_npz(path: Path, max_bytes: int, field: str = "chunk") -> None:
+    """An uploaded .npz, from its zip directory and its two .npy headers only (nothing is
+    decompressed beyond the headers): exactly x.npy and y.npy, stored or deflated, not encrypted;
+    each header's shape x dtype matching the member's size; no object dtypes; all of it at most
+    max_bytes decompressed. A zip bomb or a header that lies is refused before it costs memory."""
+    limit_mb = max_bytes >> 20
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            names = sorted(i.filename for i in infos)
+            if names != sorted(NPZ_MEMBERS):
+                shown = quote(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
+                raise invalid(field, f".npz must hold exactly the arrays 'x' and 'y' (members x.npy, y.npy); "
+                                     f"found {len(names)} members: {shown}")
+            total = sum(i.file_size for i in infos)
+            if total > max_bytes:
+                raise invalid(field, f".npz holds {total} bytes decompressed; at most {max_bytes} ({limit_mb} MiB) "
+                                     "are accepted")
+            packed = max(1, path.stat().st_size)
+            if total > NPZ_RATIO_FROM and total > NPZ_MAX_RATIO * packed:
+                raise invalid(field, f".npz expands from {packed} to {total} bytes ({total // packed}:1); at most "
+                                     f"{NPZ_MAX_RATIO}:1 is accepted beyond {NPZ_RATIO_FROM >> 20} MiB (a zip bomb?)")
+            for info in infos:
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise invalid(field, f"{info.filename}: compression {info.compress_type} is not accepted "
+                                         "(np.savez or np.savez_compressed)")
+                if info.flag_bits & 0x1:
+                    raise invalid(field, f"{info.filename}: encrypted members are not accepted")
+                with zf.open(info) as f:
+                    shape, dtype, offset = _npy_header(f, info.filename, field)
+                need = _numel(shape) * dtype.itemsize
+                if offset + need != info.file_size:
+                    raise invalid(field, f"{info.filename}: its header says {list(shape)} {dtype} ({need} bytes), "
+                                         f"but the member holds {info.file_size - offset} bytes of data")
+                if info.filename == "x.npy" and dtype.name not in X_DTYPES:
+                    raise invalid(field, f"x: dtype must be uint8 or float32, got {dtype}")
+                if info.filename == "y.npy" and dtype.kind not in "iu":
+                    raise invalid(field, f"y: expected integer labels [N], got {dtype}")
+    except ServiceError:
+        raise
+    except Exception as exc:  # a damaged zip or .npy header (numpy raises anything from ValueError to TokenError)
+        raise invalid(field, f"not a readable .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+
+
+def _npy_header(f, name: str, field: str):
+    """(shape, dtype, data offset) from a .npy header; object dtypes refused."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = npy.read_array_header_1_0(f, max_header_size=10000)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = npy.read_array_header_2_0(f, max_header_size=10000)
+    else:
+        raise invalid(field, f"{name}: unknown .npy version {version}")
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise invalid(field, f"{name}: dtype {dtype} is not accepted (pickled objects and records are refused)")
+    if len(shape) > 8 or any(int(d) < 0 for d in shape):
+        raise invalid(field, f"{name}: shape {quote(list(shape))} is not an array's")
+    return tuple(int(d) for d in shape), dtype, f.tell()
+
+
 class Registry:
-    def __init__(self, store: Store, artifacts: Path, data_roots: list[str], device: torch.device) -> None:
+    def __init__(self, store: Store, artifacts: Path, data_roots: list[str], device: torch.device, *,
+                 check_limits: Optional[sandbox.Limits] = None,
+                 max_dataset_mb: int = DEFAULT_MAX_DATASET_MB) -> None:
+        """check_limits: time and memory for checking an uploaded program (sandbox.Limits:
+        upload_check_timeout_s, upload_check_memory_mb); max_dataset_mb: the decompressed size of an
+        uploaded .npz."""
+        self.check_limits = check_limits or sandbox.Limits()
+        self.max_dataset_bytes = int(max_dataset_mb) << 20
         self.store = store
         self.models_dir = artifacts / "models"
         self.datasets_dir = artifacts / "datasets"
@@ -205,25 +445,35 @@ class Registry:
     def register_model(self, spec: res.ModelSpec, file: Path, sha256: str, size: int, *, source: str,
                        lineage: Optional[dict] = None) -> res.Model:
         """Validate (load and run once), then move ``file`` into place and record it. An empty
-        input_shape or a num_classes of 0 is read from the file where it records them."""
+        input_shape or a num_classes of 0 is read from the file where it records them. Programs
+        (torch_export, TorchScript, ONNX) are checked for code they would run before anything
+        loads them, then loaded and run in a child process under self.check_limits."""
         validate_model_spec(spec, complete=False)
-        given_shape, given_classes = bool(spec.input_shape), spec.num_classes != 0
-        complete_model_spec(spec, file)
-        if spec.format == res.SAFETENSORS and spec.num_classes == 0:
-            raise invalid("spec.num_classes", f"required: the weights of {spec.architecture} do not record it "
-                                              "(no 'head.weight'); pass --num-classes N")
-        validate_model_spec(spec, complete=spec.num_classes != 0)
-        info = model_info(spec)
+        fmt = FORMAT_NAMES[spec.format]
+        if spec.format == res.SAFETENSORS:
+            checked = check_upload(spec.SerializeToString().hex(), str(file))
+        else:
+            try:
+                check_archive(file, fmt)  # pickles, compiled code, Python expressions: refused unloaded
+            except ModelLoadError as exc:
+                raise invalid("chunk", str(exc)) from exc
+            checked = self._check_in_child(spec, file)
+        if "crash" in checked:
+            raise invalid("chunk", f"checking the uploaded model failed: {str(checked['crash'])[:500]}")
+        if checked.get("limit") == "memory":
+            raise invalid("chunk", f"checking the uploaded model ran out of memory: {str(checked.get('detail'))[:300]}")
+        if "error" in checked:
+            raise ServiceError(_ANSWER_CODES.get(checked.get("code"), grpc.StatusCode.INVALID_ARGUMENT),
+                               str(checked.get("error"))[:2000])
         try:
-            model = load_model(file, FORMAT_NAMES[spec.format], info, "cpu", spec.layout, spec.value_range)
-            found = check_model(model, "cpu")
-        except ShapeMismatch as exc:
-            given = given_shape if exc.field == "input_shape" else given_classes
-            raise invalid(f"spec.{exc.field}" if given else "chunk", str(exc)) from exc
-        except ModelLoadError as exc:
-            raise invalid("chunk", str(exc)) from exc
-        if spec.num_classes == 0:  # not recorded (TorchScript, dynamic outputs): measured by the run
-            spec.num_classes = found
+            shape = [int(v) for v in checked["input_shape"]]
+            found, num_classes = int(checked["found"]), int(checked["num_classes"])
+            has_features, has_gradients = bool(checked["has_features"]), bool(checked["has_gradients"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise invalid("chunk", "the check of the model gave no usable answer") from exc
+        spec.input_shape[:] = shape
+        spec.num_classes = num_classes or found
+        validate_model_spec(spec)  # what the check filled in, bounded again here
         model_id = new_id("m")
         folder = self.models_dir / model_id
         folder.mkdir(parents=True)
@@ -233,14 +483,25 @@ class Registry:
             spec.name = model_id
         record = res.Model(id=model_id, spec=spec, sha256=sha256, size_bytes=size, create_time=now(),
                            source=source, lineage_json=json.dumps(lineage or {}, sort_keys=True),
-                           has_features=model.has_features, has_gradients=model.has_gradients,
-                           execution_provider=self._provider(model))
+                           has_features=has_features, has_gradients=has_gradients,
+                           execution_provider=self._provider(has_gradients))
         self.store.put_resource("models", model_id, str(dest), record)
         return record
 
-    def _provider(self, model: ModelWrapper) -> str:
+    def _check_in_child(self, spec: res.ModelSpec, file: Path) -> dict:
+        limits = self.check_limits
+        try:
+            return sandbox.run(f"{__name__}:check_upload", [spec.SerializeToString().hex(), str(file)], limits)
+        except sandbox.LimitExceeded as exc:
+            setting = "upload_check_timeout_s" if exc.limit == "timeout" else "upload_check_memory_mb"
+            raise invalid("chunk", f"checking the uploaded model (load and a batch of two) {exc} "
+                                   f"(the server's {setting}); the model is refused") from exc
+        except sandbox.CheckCrashed as exc:
+            raise invalid("chunk", f"checking the uploaded model failed: {exc}") from exc
+
+    def _provider(self, has_gradients: bool) -> str:
         """The execution provider an ONNX graph gets on this server's device ('' for torch)."""
-        if model.has_gradients:
+        if has_gradients:
             return ""
         import onnxruntime as ort
 
@@ -262,9 +523,9 @@ class Registry:
     def get_model(self, model_id: str, field: str = "model_id") -> res.Model:
         if not model_id:
             raise invalid(field, "required")
-        found = self.store.get_resource("models", model_id, res.Model)
+        found = self.store.get_resource("models", model_id, res.Model) if len(model_id) <= MAX_ID else None
         if found is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"{field}: model {model_id!r} not found")
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"{field}: model {quote(model_id)} not found")
         return found[0]
 
     def load_model(self, model_id: str) -> tuple[res.Model, ModelWrapper]:
@@ -282,7 +543,7 @@ class Registry:
         return list(self.store.list_resources("models", res.Model))
 
     def delete_model(self, model_id: str) -> None:
-        self.get_model(model_id)
+        model_id = self.get_model(model_id).id  # the stored id (server-made) names the folder
         self.store.delete_resource("models", model_id)
         with self._lock:
             self._models.pop(model_id, None)
@@ -308,11 +569,31 @@ class Registry:
         return found
 
     def register_dataset(self, header: res.UploadDatasetHeader, file: Path, sha256: str, size: int) -> res.Dataset:
+        """An uploaded .npz: every client string bounded, the archive's directory and array headers
+        checked against self.max_dataset_bytes before anything is decompressed, and the file stored
+        under a name the server chooses (the split is only recorded)."""
+        split = header.split or "train"
+        check_split(split)
+        check_text(header.name, "header.name")
+        if header.num_classes < 0 or header.num_classes > MAX_CLASSES:
+            raise invalid("header.num_classes", f"must be in [2, {MAX_CLASSES}] (or 0: from the labels), "
+                                                f"got {header.num_classes}")
+        if len(header.class_names) > MAX_CLASSES:
+            raise invalid("header.class_names", f"at most {MAX_CLASSES} names, got {len(header.class_names)}")
+        for k, name in enumerate(header.class_names):
+            check_text(name, f"header.class_names[{k}]")
+        check_npz(file, self.max_dataset_bytes)
         try:
             arrays = data_mod.load_npz(file.read_bytes())
         except DataError as exc:
             raise invalid("chunk", str(exc)) from exc
-        split = header.split or "train"
+        if len(arrays):
+            low, high = int(arrays.y.min()), int(arrays.y.max())
+            if low < 0:
+                raise invalid("chunk", f"y: labels must be >= 0, got {low}")
+            if high >= MAX_CLASSES:
+                raise invalid("chunk", f"y: labels go up to {high}; at most {MAX_CLASSES} classes "
+                                       f"(labels 0..{MAX_CLASSES - 1}) are accepted")
         num_classes = header.num_classes or arrays.num_classes
         if num_classes < 2:
             raise invalid("header.num_classes", "need at least 2 classes (set it, or upload labels of 2+ classes)")
@@ -321,7 +602,7 @@ class Registry:
         if header.class_names and len(header.class_names) != num_classes:
             raise invalid("header.class_names", f"need {num_classes} names, got {len(header.class_names)}")
         dataset_id, folder = self.new_dataset_folder()
-        dest = folder / f"{split}.npz"
+        dest = folder / "data.npz"  # a server-chosen name: the split is recorded, never a path
         shutil.move(str(file), dest)
         domain = res.REAL if arrays.domain == "real" else res.IMAGE
         record = res.Dataset(id=dataset_id, name=header.name or dataset_id, kind="upload", splits={split: len(arrays)},
@@ -348,7 +629,7 @@ class Registry:
         """The stored .npz of an uploaded or generated dataset's split."""
         record = self.get_dataset(dataset_id)
         if record.kind == "builtin":
-            raise precondition(f"dataset {dataset_id!r} is built in: it is read from its source files, "
+            raise precondition(f"dataset {quote(dataset_id)} is built in: it is read from its source files, "
                                "not stored as an .npz")
         return Path(self.store.get_resource("datasets", dataset_id, res.Dataset)[1])
 
@@ -357,9 +638,9 @@ class Registry:
             raise invalid(field, "required")
         if dataset_id in self.builtins:
             return self.builtins[dataset_id]
-        found = self.store.get_resource("datasets", dataset_id, res.Dataset)
+        found = self.store.get_resource("datasets", dataset_id, res.Dataset) if len(dataset_id) <= MAX_ID else None
         if found is None:
-            raise not_found("dataset", dataset_id)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"dataset {quote(dataset_id)} not found")
         return found[0]
 
     @staticmethod
@@ -368,7 +649,7 @@ class Registry:
         if not split:
             split = default if default in record.splits or len(record.splits) != 1 else next(iter(record.splits))
         if split not in record.splits:
-            raise invalid(field, f"dataset {record.id!r} has no split {split!r}; it has {sorted(record.splits)}")
+            raise invalid(field, f"dataset {quote(record.id)} has no split {quote(split)}; it has {sorted(record.splits)}")
         return split
 
     def load_dataset(self, dataset_id: str, split: str) -> ArrayDataset:
@@ -390,15 +671,16 @@ class Registry:
             with self._lock:
                 return self._datasets.get_or((dataset_id, split), make)
         except DataError as exc:
-            raise precondition(f"dataset {dataset_id!r} cannot be read: {exc}") from exc
+            raise precondition(f"dataset {quote(dataset_id)} cannot be read: {exc}") from exc
 
     def list_datasets(self) -> list[res.Dataset]:
         return list(self.builtins.values()) + list(self.store.list_resources("datasets", res.Dataset))
 
     def delete_dataset(self, dataset_id: str) -> None:
         record = self.get_dataset(dataset_id)
+        dataset_id = record.id  # the stored id (server-made) names the folder
         if record.kind == "builtin":
-            raise precondition(f"dataset {dataset_id!r} is built in and cannot be deleted")
+            raise precondition(f"dataset {quote(dataset_id)} is built in and cannot be deleted")
         self.store.delete_resource("datasets", dataset_id)
         with self._lock:
             for key in [k for k in self._datasets if k[0] == dataset_id]:

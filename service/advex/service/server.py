@@ -18,10 +18,11 @@ from advex.service.config import ServerConfig, address, bare_host
 from advex.service.listen import ListenError, check_server_addresses, reason
 from advex.service.metrics import Metrics
 from advex.service.operations import OperationManager
+from advex.service import sandbox
 from advex.service.registry import Registry
-from advex.service.servicer import RobustnessServicer
+from advex.service.servicer import RobustnessServicer, add_to_server
 from advex.service.store import Store
-from advex.v1 import robustness_pb2, robustness_pb2_grpc
+from advex.v1 import robustness_pb2
 
 log = logging.getLogger("advex.server")
 SERVICE_NAME = robustness_pb2.DESCRIPTOR.services_by_name["Robustness"].full_name
@@ -91,11 +92,14 @@ async def start(cfg: ServerConfig) -> RunningServer:
             torch.set_num_threads(cfg.torch_threads)
         device = device_for(cfg.device)
         store = Store(cfg.store_path)
-        registry = Registry(store, cfg.artifacts, list(cfg.data_roots), device)
+        registry = Registry(store, cfg.artifacts, list(cfg.data_roots), device, max_dataset_mb=cfg.max_dataset_mb,
+                            check_limits=sandbox.Limits(timeout_s=cfg.upload_check_timeout_s,
+                                                        memory_mb=cfg.upload_check_memory_mb))
         ops = OperationManager(store, metrics, workers=cfg.workers, max_queue=cfg.max_queue)
         ops.start(asyncio.get_running_loop())
-        robustness_pb2_grpc.add_RobustnessServicer_to_server(
-            RobustnessServicer(cfg, registry, ops, metrics, device), server)
+        # not the generated add_RobustnessServicer_to_server: requests reach the handlers as bytes,
+        # so that an undecodable one is INVALID_ARGUMENT (see add_to_server)
+        add_to_server(RobustnessServicer(cfg, registry, ops, metrics, device), server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), server)

@@ -16,6 +16,8 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 import torch
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from advex.engine import zoo
 from advex.engine.attacks import GRADIENT_FREE, attack
@@ -42,11 +44,56 @@ from advex.v1.wire import to_tensor
 log = logging.getLogger("advex.service")
 
 
+SERVICE = rpc.DESCRIPTOR.services_by_name["Robustness"]
+REQUEST_TYPES = {m.name: message_factory.GetMessageClass(m.input_type) for m in SERVICE.methods}
+MAX_STATUS_BYTES = 1024  # status messages travel in HTTP/2 trailers: keep them well under the 8 KiB limit
+
+
+def _clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """At most `limit` UTF-8 bytes (cut on a character boundary), so that a status message echoing
+    a long or odd request value still fits in the trailers."""
+    raw = message.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    return raw[:limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _decode(cls, raw, what: str = ""):
+    """The service is registered without deserializers (see add_to_server), so that bytes that
+    are not a valid message are this handler's to refuse: INVALID_ARGUMENT, not gRPC's own
+    UNKNOWN / INTERNAL. A message object (a direct call) passes through."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return raw
+    try:
+        return cls.FromString(bytes(raw))
+    except (DecodeError, RecursionError, ValueError) as exc:
+        raise invalid("request", f"{what}not a valid {cls.DESCRIPTOR.full_name} message") from exc
+
+
+async def _decoded_stream(cls, iterator):
+    k = 0
+    async for raw in iterator:
+        yield _decode(cls, raw, f"message {k} of the stream is ")
+        k += 1
+
+
 def _guard(streaming: bool = False):
-    """Auth + metrics + error mapping for unary (and client-streaming) or server-streaming handlers."""
+    """Auth + request decoding + metrics + error mapping for unary (and client-streaming) or
+    server-streaming handlers. The request type and streaming kinds come from the service
+    descriptor; `streaming` (server streaming) must agree with it."""
 
     def wrap(fn):
         method = fn.__name__
+        desc = SERVICE.methods_by_name[method]
+        if desc.server_streaming != streaming:
+            raise TypeError(f"{method}: _guard(streaming={streaming}) but the RPC is "
+                            f"{'' if desc.server_streaming else 'not '}server-streaming")
+        request_type = REQUEST_TYPES[method]
+
+        def decode(request):
+            if desc.client_streaming:
+                return _decoded_stream(request_type, request)
+            return _decode(request_type, request)
 
         async def fail(self, context, exc: BaseException):
             if isinstance(exc, ServiceError):
@@ -55,7 +102,7 @@ def _guard(streaming: bool = False):
                 log.exception("%s failed", method)
                 code, msg = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             self.metrics.requests.labels(method, code.name).inc()
-            await context.abort(code, msg)
+            await context.abort(code, _clip(msg))
 
         if streaming:
             @functools.wraps(fn)
@@ -63,7 +110,7 @@ def _guard(streaming: bool = False):
                 t0 = time.perf_counter()
                 try:
                     self._authorize(context)
-                    async for item in fn(self, request, context):
+                    async for item in fn(self, decode(request), context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
@@ -73,6 +120,7 @@ def _guard(streaming: bool = False):
                     self.metrics.requests.labels(method, "OK").inc()
                 finally:
                     self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+            stream_handler.guarded = True
             return stream_handler
 
         @functools.wraps(fn)
@@ -80,7 +128,7 @@ def _guard(streaming: bool = False):
             t0 = time.perf_counter()
             try:
                 self._authorize(context)
-                response = await fn(self, request, context)
+                response = await fn(self, decode(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -90,9 +138,36 @@ def _guard(streaming: bool = False):
                 return response
             finally:
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+        handler.guarded = True
         return handler
 
     return wrap
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: "RobustnessServicer", server) -> None:
+    """Register every RPC of advex.v1.Robustness, built from the service descriptor, with no
+    request deserializer: each handler receives the raw bytes and decodes them inside its
+    _guard, so that an undecodable message is INVALID_ARGUMENT (and counted in the metrics)
+    wherever gRPC lets the server decide. Replaces the generated add_RobustnessServicer_to_server."""
+    handlers = {}
+    for m in SERVICE.methods:
+        behaviour = getattr(servicer, m.name)
+        if not getattr(behaviour, "guarded", False):
+            raise TypeError(f"RobustnessServicer.{m.name} is not wrapped in _guard")
+        response_type = message_factory.GetMessageClass(m.output_type)
+        handlers[m.name] = _HANDLER_KINDS[m.client_streaming, m.server_streaming](
+            behaviour, request_deserializer=None, response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63
+        server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class RobustnessServicer(rpc_grpc.RobustnessServicer):
@@ -223,11 +298,14 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         spec = res.ModelSpec(name=request.name, format=res.SAFETENSORS, architecture=arch,
                              num_classes=dataset.num_classes, input_shape=dataset.example_shape,
                              mean=request.mean, std=request.std, arch_args=request.arch_args)
+        validate_model_spec(spec, "TrainRequest")  # bounds arch_args before anything is built
         try:  # fail fast on an architecture that cannot take these inputs
             zoo.build(arch, tuple(dataset.example_shape), dataset.num_classes, dict(request.arch_args))
         except ValueError as exc:
             raise invalid("architecture", str(exc)) from exc
-        validate_model_spec(spec, "TrainRequest")
+        except RuntimeError as exc:  # torch refusing the sizes (e.g. memory for these inputs)
+            raise invalid("arch_args", f"{arch} cannot be built for inputs {list(dataset.example_shape)} "
+                                       f"and {dataset.num_classes} classes: {str(exc).splitlines()[0][:200]}") from exc
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
