@@ -101,7 +101,8 @@ def test_health_and_reflection_are_served(server):
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="advex.v1.Robustness"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                               metadata=(("authorization", f"Bearer {TOKEN}"),)))  # behind the token
         names = {s.name for s in reply.list_services_response.service}
         assert "advex.v1.Robustness" in names and "grpc.health.v1.Health" in names
 

@@ -70,6 +70,13 @@ def test_readme_line(line, world, monkeypatch, capsys):
         args = build_parser().parse_args(argv)
         assert args.server == "localhost:50051" and callable(args.fn)
         return
+    if argv[0] == "serve" and "--help" not in argv:  # a server for real files: its flags must exist
+        from advex.service.config import make_parser
+
+        settings = make_parser("advex serve").parse_args(argv[1:])
+        assert all(getattr(settings, a.dest) is not None for a in make_parser("x")._actions
+                   if a.option_strings and any(o in argv for o in a.option_strings))
+        return
     if argv[0] == "serve":
         with pytest.raises(SystemExit) as exit_:
             cli_main(argv)

@@ -306,9 +306,26 @@ def no_server_message(target: str) -> str:
     return f"error: no advex server at {target} (start one with `advex serve`)"
 
 
+def _token(args) -> Optional[str]:
+    """--token, else the file of --token-file (a trailing newline is ignored), else none."""
+    if args.token:
+        return args.token
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                return f.read().strip() or None
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read --token-file {args.token_file!r}: {exc.strerror or exc}") from None
+    return None
+
+
 def _client(args) -> Client:
     """A client once the server answers (within --connect-timeout); NoServer otherwise."""
-    client = Client(args.server, token=args.token or None)
+    try:
+        client = Client(args.server, token=_token(args), tls=args.tls_ca or bool(args.tls),
+                        client_cert=args.tls_cert or None, client_key=args.tls_key or None)
+    except ValueError as exc:  # a TLS file that cannot be read, a certificate without its key
+        raise SystemExit(f"error: {exc}") from None
     timeout = args.connect_timeout if args.connect_timeout is not None else \
         LONG_CONNECT_TIMEOUT if args.command in ("demo", "reproduce") else CONNECT_TIMEOUT
     try:
@@ -336,7 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     # --target (transfer's target models), which must not overwrite it.
     p.add_argument("--target", "--server", dest="server", default=os.environ.get("ADVEX_TARGET", "localhost:50051"),
                    help="server address host:port (env ADVEX_TARGET; default localhost:50051)")
-    p.add_argument("--token", default=os.environ.get("ADVEX_TOKEN", ""), help="bearer token (env ADVEX_TOKEN)")
+    p.add_argument("--token", default=os.environ.get("ADVEX_TOKEN", ""),
+                   help="bearer token (env ADVEX_TOKEN). A flag is visible in the process list: prefer "
+                        "--token-file or ADVEX_TOKEN")
+    p.add_argument("--token-file", default=os.environ.get("ADVEX_TOKEN_FILE", ""), metavar="FILE",
+                   help="file holding the bearer token (env ADVEX_TOKEN_FILE)")
+    p.add_argument("--tls", action="store_true", default=False,
+                   help="connect with TLS, trusting the system's root certificates")
+    p.add_argument("--tls-ca", default=os.environ.get("ADVEX_TLS_CA", ""), metavar="FILE",
+                   help="connect with TLS, trusting the CA certificates in this PEM file (env ADVEX_TLS_CA)")
+    p.add_argument("--tls-cert", default=os.environ.get("ADVEX_TLS_CERT", ""), metavar="FILE",
+                   help="client certificate chain (PEM) for servers that require mutual TLS; implies TLS "
+                        "(env ADVEX_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("ADVEX_TLS_KEY", ""), metavar="FILE",
+                   help="private key (PEM) of --tls-cert (env ADVEX_TLS_KEY)")
     p.add_argument("--connect-timeout", type=float, default=None,
                    help=f"seconds to wait for the server (default {CONNECT_TIMEOUT:g}; "
                         f"{LONG_CONNECT_TIMEOUT:g} for demo and reproduce, which may start beside a server)")

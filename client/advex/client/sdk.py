@@ -157,15 +157,37 @@ def _progress_bar(op: Operation):
     return tqdm(total=op.proto.progress.total or None, desc=op.proto.kind, leave=True, dynamic_ncols=True)
 
 
+PEM = Union[bytes, str, Path]  # PEM bytes, or the path of a PEM file
+
+
+def _pem(value: PEM, what: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {str(value)!r}: {exc.strerror or exc}") from None
+
+
 class Client:
     """advex client. target: "host:port". token: bearer token if the server requires one.
-    tls: True for TLS with the system roots, or a bytes PEM of root certificates."""
+    tls: False (plaintext), True for TLS with the system roots, or the root certificates to trust
+    (PEM bytes, or the path of a PEM file). client_cert, client_key: the client certificate chain
+    and its private key for servers that require mutual TLS (PEM bytes or paths; both or
+    neither; they imply TLS)."""
 
     def __init__(self, target: str = "localhost:50051", token: Optional[str] = None,
-                 tls: Union[bool, bytes] = False, timeout: float = 60.0) -> None:
+                 tls: Union[bool, PEM] = False, timeout: float = 60.0, *,
+                 client_cert: Optional[PEM] = None, client_key: Optional[PEM] = None) -> None:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together (give both or neither)")
+        if tls is not False or client_cert is not None:
+            roots = None if tls is True or tls is False or tls is None else _pem(tls, "TLS root certificates")
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=roots,
+                private_key=None if client_key is None else _pem(client_key, "TLS client key"),
+                certificate_chain=None if client_cert is None else _pem(client_cert, "TLS client certificate"))
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)

@@ -49,6 +49,13 @@ def _check_host(value: str) -> Optional[str]:
     return None
 
 
+LOOPBACK = "loopback"
+
+
+def _check_metrics_host(value: str) -> Optional[str]:
+    return None if value == LOOPBACK else _check_host(value)
+
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -64,14 +71,20 @@ def _check_nonempty(value: str) -> Optional[str]:
 class ServerConfig:
     host: str = _setting(
         "127.0.0.1", metavar="HOST", check=_check_host,
-        help="address the gRPC server (and the metrics endpoint) listens on: a host name, an IPv4 address, "
-             "or an IPv6 address written ::1 or [::1]; 0.0.0.0 or :: for all interfaces")
+        help="address the gRPC server listens on: a host name, an IPv4 address, "
+             "or an IPv6 address written ::1 or [::1]; 0.0.0.0 or :: for all interfaces (the metrics endpoint "
+             "has its own --metrics-host)")
     port: int = _setting(
         50051, minimum=0, maximum=65535, metavar="PORT",
         help="gRPC port; 0 picks a free one. The server refuses a port another process listens on")
     metrics_port: int = _setting(
         9108, minimum=0, maximum=65535, metavar="PORT",
-        help="port of the Prometheus endpoint http://HOST:PORT/metrics; 0 = no metrics endpoint")
+        help="port of the Prometheus endpoint http://METRICS_HOST:PORT/metrics; 0 = no metrics endpoint")
+    metrics_host: str = _setting(
+        LOOPBACK, metavar="HOST", check=_check_metrics_host,
+        help="address the metrics endpoint listens on, apart from --host so that serving gRPC on 0.0.0.0 does "
+             "not expose /metrics: 'loopback' = 127.0.0.1, or ::1 when --host is an IPv6 address; "
+             "0.0.0.0 or :: to let another machine scrape it")
     data_dir: str = _setting(
         "advex-data", metavar="DIR", check=_check_nonempty,
         help="folder for the SQLite store (advex.sqlite3) and the uploaded and produced artifacts")
@@ -114,13 +127,39 @@ class ServerConfig:
         help="memory (address space) the check of an uploaded program may add, in MiB")
     token: Optional[str] = _setting(
         None, metavar="TOKEN", shown="none",
-        help="when set, every call must send the header 'authorization: Bearer TOKEN'")
+        help="when set, every call must send the header 'authorization: Bearer TOKEN'. A flag is visible in "
+             "the process list: prefer --token-file or the environment variable")
+    token_file: Optional[str] = _setting(
+        None, metavar="FILE", shown="none", check=_check_nonempty,
+        help="file holding the bearer token (read at start; a trailing newline is ignored); not together "
+             "with --token")
+    reflection_requires_token: bool = _setting(
+        True, metavar="BOOL",
+        help="with a token set, gRPC reflection (grpc.reflection.*) also needs it; health checks never do. "
+             "true or false")
+    tls_cert: Optional[str] = _setting(
+        None, metavar="FILE", shown="none", check=_check_nonempty,
+        help="PEM file of the server's certificate chain: serve TLS instead of plaintext (needs --tls-key)")
+    tls_key: Optional[str] = _setting(
+        None, metavar="FILE", shown="none", check=_check_nonempty,
+        help="PEM file of the private key of --tls-cert")
+    tls_client_ca: Optional[str] = _setting(
+        None, metavar="FILE", shown="none", check=_check_nonempty,
+        help="PEM file of the CAs whose client certificates the server requires (mutual TLS; needs "
+             "--tls-cert and --tls-key)")
     shutdown_grace_s: float = _setting(
         10.0, minimum=0.0, metavar="SECONDS",
         help="on SIGTERM: stop accepting, let running work finish this long, then cancel it and close the store")
     torch_threads: int = _setting(
         0, minimum=0, metavar="N",
         help="CPU threads torch may use; 0 = torch's default")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where the metrics endpoint binds: metrics_host, 'loopback' resolved for host's family."""
+        if self.metrics_host == LOOPBACK:
+            return "::1" if ":" in bare_host(self.host) else "127.0.0.1"
+        return bare_host(self.metrics_host)
 
     @property
     def store_path(self) -> Path:
@@ -160,7 +199,7 @@ _TYPES = get_type_hints(ServerConfig)
 
 def _kind(name: str) -> type:
     t = _TYPES[name]
-    for k in (int, float, list):
+    for k in (bool, int, float, list):
         if t is k or getattr(t, "__origin__", None) is k:
             return k
     return str
@@ -181,6 +220,9 @@ def _expected(f) -> str:
     return meta.get("expect") or what
 
 
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
@@ -193,7 +235,14 @@ def _convert(f, raw: Any, source: str) -> Any:
         return ConfigError(f"{f.name}: {_show(raw)} from {source} {problem} (expected {expected})")
 
     value = raw
-    if kind is int:
+    if kind is bool:
+        if isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str) and raw.strip().lower() in _BOOLS:
+            value = _BOOLS[raw.strip().lower()]
+        else:
+            raise fail("is not true or false", "true or false (also yes/no, on/off, 1/0)")
+    elif kind is int:
         if isinstance(raw, str):
             try:
                 value = int(raw.strip())
@@ -220,7 +269,7 @@ def _convert(f, raw: Any, source: str) -> Any:
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise fail("is out of range", _expected(f))
-    if f.name == "host" and value is not None:
+    if f.name in ("host", "metrics_host") and value is not None:
         value = bare_host(value)
     check = meta.get("check")
     if check is not None and value is not None:
@@ -300,6 +349,7 @@ def load(args: Optional[argparse.Namespace] = None, env: Optional[dict] = None) 
             values[f.name] = _convert(f, raw_env, sources[f.name])
     cfg = ServerConfig(**values)
     _check_together(cfg, sources)
+    _read_files(cfg, sources)
     return cfg
 
 
@@ -311,6 +361,75 @@ def _check_together(cfg: ServerConfig, sources: dict[str, str]) -> None:
                           "and the metrics port at once (expected two different ports; --metrics-port 0 for none)")
 
 
+_OPTIONAL = ("token", "token_file", "tls_cert", "tls_key", "tls_client_ca")
+
+
+def _source(sources: dict[str, str], name: str) -> str:
+    return sources.get(name, "the default")
+
+
+def _read(cfg: ServerConfig, name: str, sources: dict[str, str], what: str, marker: bytes) -> bytes:
+    path = getattr(cfg, name)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: {path!r} from {_source(sources, name)} cannot be read "
+                          f"({exc.strerror or exc}; expected a readable {what})") from None
+    if marker not in data:
+        raise ConfigError(f"{name}: {path!r} from {_source(sources, name)} is not valid "
+                          f"(expected a {what}; no {marker.decode()} in it)")
+    return data
+
+
+def read_token_file(cfg: ServerConfig, sources: Optional[dict[str, str]] = None) -> str:
+    """The token in cfg.token_file, surrounding whitespace (a trailing newline) removed."""
+    sources = sources or {}
+    path = cfg.token_file
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"token_file: {path!r} from {_source(sources, 'token_file')} cannot be read "
+                          f"({reason}; expected a readable UTF-8 file holding the token)") from None
+    if not text:
+        raise ConfigError(f"token_file: {path!r} from {_source(sources, 'token_file')} is empty "
+                          "(expected a file holding the token)")
+    return text
+
+
+def tls_credentials(cfg: ServerConfig, sources: Optional[dict[str, str]] = None
+                    ) -> Optional[tuple[bytes, bytes, Optional[bytes]]]:
+    """(certificate chain, private key, client CAs or None) read from the TLS files, or None
+    for plaintext. Raises ConfigError for a half-given pair or a file that cannot be used."""
+    sources = sources or {}
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        given, missing = ("tls_cert", "tls_key") if cfg.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(f"{given}: {getattr(cfg, given)!r} from {_source(sources, given)} is given without "
+                          f"{missing} (expected both {flag_name('tls_cert')} and {flag_name('tls_key')}, or neither)")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError(f"tls_client_ca: {cfg.tls_client_ca!r} from {_source(sources, 'tls_client_ca')} is given "
+                          f"without a server certificate (expected {flag_name('tls_cert')} and "
+                          f"{flag_name('tls_key')} too)")
+    if not cfg.tls_cert:
+        return None
+    chain = _read(cfg, "tls_cert", sources, "PEM certificate chain", b"-----BEGIN CERTIFICATE-----")
+    key = _read(cfg, "tls_key", sources, "PEM private key", b"PRIVATE KEY-----")
+    client_ca = (_read(cfg, "tls_client_ca", sources, "PEM file of CA certificates", b"-----BEGIN CERTIFICATE-----")
+                 if cfg.tls_client_ca else None)
+    return chain, key, client_ca
+
+
+def _read_files(cfg: ServerConfig, sources: dict[str, str]) -> None:
+    """Check the files a server reads at start, so that a bad one stops it with one line: the
+    token file (its token becomes cfg.token) and the TLS files."""
+    if cfg.token_file:
+        if cfg.token:
+            raise ConfigError(f"token_file: {cfg.token_file!r} from {_source(sources, 'token_file')} is given "
+                              f"with token from {_source(sources, 'token')} (expected one of them)")
+        cfg.token = read_token_file(cfg, sources)
+    tls_credentials(cfg, sources)
+
+
 def from_kwargs(**kwargs) -> ServerConfig:
     """Settings given in code (InProcessServer), checked like flags. data_roots here is the exact
     list searched (tests pass [] for none)."""
@@ -319,7 +438,9 @@ def from_kwargs(**kwargs) -> ServerConfig:
     for k, v in kwargs.items():
         if k not in by_name:
             raise TypeError(f"unknown server setting {k!r}")
-        values[k] = v if v is None and k == "token" else _convert(by_name[k], v, f"keyword argument {k}")
+        values[k] = v if v is None and k in _OPTIONAL else _convert(by_name[k], v, f"keyword argument {k}")
     cfg = ServerConfig(**values)
-    _check_together(cfg, {k: f"keyword argument {k}" for k in kwargs})
+    sources = {k: f"keyword argument {k}" for k in kwargs}
+    _check_together(cfg, sources)
+    _read_files(cfg, sources)
     return cfg

@@ -55,8 +55,8 @@ def check_free(host: str, port: int, flag: str, what: str) -> None:
         raise ListenError(f"cannot {what} {address(host, port)}: {reason(exc, flag)}") from exc
 
 
-def check_server_addresses(host: str, port: int, metrics_port: int) -> None:
-    """Both of a server's addresses (metrics_port 0: none)."""
+def check_server_addresses(host: str, port: int, metrics_host: str, metrics_port: int) -> None:
+    """Both of a server's addresses: gRPC and metrics (metrics_port 0: none)."""
     check_free(host, port, "--port", "listen on")
     if metrics_port:
-        check_free(host, metrics_port, "--metrics-port", "serve metrics on")
+        check_free(metrics_host, metrics_port, "--metrics-port", "serve metrics on")

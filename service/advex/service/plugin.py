@@ -32,7 +32,7 @@ def serve(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        check_server_addresses(cfg.host, cfg.port, cfg.metrics_port)  # before torch loads: answers at once
+        check_server_addresses(config_mod.bare_host(cfg.host), cfg.port, cfg.metrics_bind_host, cfg.metrics_port)  # before torch loads: answers at once
         from advex.service.server import serve as run_server
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,13 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from advex.engine.models import device_for
-from advex.service.config import ServerConfig, address, bare_host
+from advex.service.config import ServerConfig, address, bare_host, tls_credentials
 from advex.service.listen import ListenError, check_server_addresses, reason
 from advex.service.metrics import Metrics
 from advex.service.operations import OperationManager
 from advex.service import sandbox
 from advex.service.registry import Registry
-from advex.service.servicer import RobustnessServicer, add_to_server
+from advex.service.servicer import RobustnessServicer, add_to_server, token_problem
 from advex.service.store import Store
 from advex.v1 import robustness_pb2
 
@@ -28,6 +28,37 @@ log = logging.getLogger("advex.server")
 SERVICE_NAME = robustness_pb2.DESCRIPTOR.services_by_name["Robustness"].full_name
 MAX_MESSAGE = 64 << 20
 __all__ = ["ListenError", "RunningServer", "start", "serve"]
+
+
+REFLECTION_PREFIX = "/grpc.reflection."
+
+
+class ReflectionTokenInterceptor(grpc.aio.ServerInterceptor):
+    """With a token set: reflection calls (grpc.reflection.*) need it too. Health checks and
+    the Robustness RPCs (which check the token in their _guard) pass untouched."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(REFLECTION_PREFIX):
+            return handler
+        problem = token_problem(handler_call_details.invocation_metadata, self.token)
+        if not problem:
+            return handler
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[handler.request_streaming,
+                                                                      handler.response_streaming]
+        return kind(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 @dataclass
@@ -60,11 +91,16 @@ async def start(cfg: ServerConfig) -> RunningServer:
     are taken before the data dir is touched, so a second server on a port in use leaves the
     first one's store, uploads and operations alone: it raises ListenError, having released
     what it took."""
-    host = bare_host(cfg.host)
-    check_server_addresses(host, cfg.port, cfg.metrics_port)
+    host, metrics_host = bare_host(cfg.host), cfg.metrics_bind_host
+    tls = tls_credentials(cfg)  # the TLS files are read now (ConfigError when one cannot be used)
+    check_server_addresses(host, cfg.port, metrics_host, cfg.metrics_port)
+    interceptors = []
+    if cfg.token and cfg.reflection_requires_token:
+        interceptors.append(ReflectionTokenInterceptor(cfg.token))
     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and quietly
     # take a share of the new connections. Off, binding a port in use fails.
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                       ("grpc.max_send_message_length", MAX_MESSAGE),
                                       ("grpc.so_reuseport", 0)])
     metrics = Metrics()
@@ -73,7 +109,13 @@ async def start(cfg: ServerConfig) -> RunningServer:
     ops: Optional[OperationManager] = None
     try:
         try:
-            port = server.add_insecure_port(address(host, cfg.port))
+            if tls is None:
+                port = server.add_insecure_port(address(host, cfg.port))
+            else:
+                chain, key, client_ca = tls
+                creds = grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                                    require_client_auth=client_ca is not None)
+                port = server.add_secure_port(address(host, cfg.port), creds)
         except RuntimeError as exc:  # grpcio >= 1.5x raises; older ones return 0
             port = 0
             cause: Optional[BaseException] = exc
@@ -84,9 +126,9 @@ async def start(cfg: ServerConfig) -> RunningServer:
                               "(in use, or not an address of this machine)") from cause
         if cfg.metrics_port:
             try:
-                metrics_http = metrics.serve(cfg.metrics_port, host)
+                metrics_http = metrics.serve(cfg.metrics_port, metrics_host)
             except OSError as exc:
-                raise ListenError(f"cannot serve metrics on {address(host, cfg.metrics_port)}: "
+                raise ListenError(f"cannot serve metrics on {address(metrics_host, cfg.metrics_port)}: "
                                   f"{reason(exc, '--metrics-port')}") from exc
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
@@ -118,8 +160,8 @@ async def start(cfg: ServerConfig) -> RunningServer:
         res = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if asyncio.iscoroutine(res):
             await res
-    log.info("advex serving on %s (device %s, data dir %s, datasets %s)", address(host, port), device,
-             cfg.data_dir, sorted(registry.builtins))
+    log.info("advex serving on %s%s (device %s, data dir %s, datasets %s)", address(host, port),
+             " with TLS" if tls else "", device, cfg.data_dir, sorted(registry.builtins))
     return RunningServer(server, port, cfg, store, ops, metrics, registry, health_servicer, metrics_http)
 
 
@@ -127,7 +169,8 @@ async def serve(cfg: ServerConfig, ready: Optional[asyncio.Event] = None) -> Non
     """Run until SIGTERM / SIGINT, then shut down gracefully."""
     running = await start(cfg)
     print(f"advex: serving on {address(cfg.host, running.port)}"
-          + (f", metrics on http://{address(cfg.host, cfg.metrics_port)}/metrics" if cfg.metrics_port else ""),
+          + (f", metrics on http://{address(cfg.metrics_bind_host, cfg.metrics_port)}/metrics"
+             if cfg.metrics_port else ""),
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

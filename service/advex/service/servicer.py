@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -170,6 +171,22 @@ def add_to_server(servicer: "RobustnessServicer", server) -> None:
         server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
+def token_problem(metadata, token) -> str:
+    """Why a call's metadata does not carry the bearer token, or "" when it does (or no token
+    is set). Exactly one authorization header, compared in constant time."""
+    if not token:
+        return ""
+    sent = [value for key, value in (metadata or ()) if key.lower() == "authorization"]
+    if len(sent) > 1:
+        return "send one authorization header (this call has several)"
+    if not sent:
+        return "missing bearer token (authorization metadata)"
+    value = sent[0].encode() if isinstance(sent[0], str) else bytes(sent[0])
+    if not hmac.compare_digest(value, f"Bearer {token}".encode()):
+        return "wrong bearer token (authorization metadata)"
+    return ""
+
+
 class RobustnessServicer(rpc_grpc.RobustnessServicer):
     def __init__(self, cfg: ServerConfig, registry: Registry, ops: OperationManager, metrics: Metrics,
                  device: torch.device) -> None:
@@ -180,11 +197,9 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         self.device = device
 
     def _authorize(self, context) -> None:
-        if not self.cfg.token:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get("authorization") != f"Bearer {self.cfg.token}":
-            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+        problem = token_problem(context.invocation_metadata(), self.cfg.token)
+        if problem:
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     # ------------------------------------------------------------------ Attack
     @_guard()
