@@ -11,6 +11,14 @@ venv="${ADVEX_VENV:-.venv}"
 "$venv/bin/python" -m pip install -q -c ci/constraints.txt scipy
 "$venv/bin/python" -m pip install -q --no-deps -c ci/constraints.txt torchattacks
 
+# The TLS tests make their certificates with the openssl command.
+if ! command -v openssl >/dev/null; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq openssl >/dev/null
+fi
+
 if [ -z "${ADVEX_DATA_ROOT:-}" ] && [ -d ../shared/data ]; then
   export ADVEX_DATA_ROOT="$(cd ../shared/data && pwd)"
 fi
