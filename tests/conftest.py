@@ -29,6 +29,25 @@ def require_builtin(name: str) -> list[str]:
     return roots
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """An in-process server with no data roots (only the synthetic `tsipras` built-in), one per
+    test module; modules that need other settings define their own `server`."""
+    from advex.service.inprocess import InProcessServer
+
+    with InProcessServer(data_dir=str(tmp_path_factory.mktemp("advex")), data_roots=[]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An SDK client of this module's `server`."""
+    from advex.client import Client
+
+    with Client(server.target) as c:
+        yield c
+
+
 @pytest.fixture
 def tmp_data_dir(tmp_path: Path) -> Path:
     return tmp_path

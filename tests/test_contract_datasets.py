@@ -11,23 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from advex.client import Client, OperationError
+from advex.client import OperationError
 from advex.engine.loaders import save_safetensors
 from advex.engine.zoo import Linear, build
-from advex.service.inprocess import InProcessServer
 from advex.v1 import robustness_pb2 as rpc
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with InProcessServer(data_dir=str(tmp_path_factory.mktemp("advex")), data_roots=[]) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.target) as c:
-        yield c
+# `server` and `client`: conftest.py (an in-process server without data roots)
 
 
 @pytest.fixture(scope="module")

@@ -19,22 +19,12 @@ import torch
 from torch import nn
 
 from advex.client import Client
-from advex.service.inprocess import InProcessServer
 from advex.v1 import resources_pb2 as res
 
 SHAPE = (1, 6, 6)
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with InProcessServer(data_dir=str(tmp_path_factory.mktemp("sec")), data_roots=[]) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    with Client(srv.target) as c:
-        yield c
+# `server` and `client`: conftest.py (an in-process server without data roots)
 
 
 class _Marker:
@@ -248,13 +238,13 @@ def test_plain_checkpoints_load_weights_only():
 
 # ------------------------------------------------------------------ 2. checks under limits
 
-def _limits(srv, **kw):
+def _limits(server, **kw):
     try:
         from advex.service.sandbox import Limits
     except ImportError:  # the code before the fix: no limits to set
         return None
-    old = getattr(srv.running.registry, "check_limits", None)
-    srv.running.registry.check_limits = Limits(**kw)
+    old = getattr(server.running.registry, "check_limits", None)
+    server.running.registry.check_limits = Limits(**kw)
     return old
 
 
@@ -272,8 +262,8 @@ class _Huge(nn.Module):
         return x.flatten(1)[:, :3] + big[:1] * 0
 
 
-def test_a_program_that_never_ends_is_refused_within_the_time_limit(srv, client):
-    old = _limits(srv, timeout_s=4.0, memory_mb=2048)
+def test_a_program_that_never_ends_is_refused_within_the_time_limit(server, client):
+    old = _limits(server, timeout_s=4.0, memory_mb=2048)
     try:
         spec = res.ModelSpec(format=res.TORCHSCRIPT, input_shape=list(SHAPE))
         parts = [res.UploadModelRequest(spec=spec), res.UploadModelRequest(chunk=_script(_Slow()))]
@@ -284,20 +274,20 @@ def test_a_program_that_never_ends_is_refused_within_the_time_limit(srv, client)
         assert took < 30, took
     finally:
         if old is not None:
-            srv.running.registry.check_limits = old
+            server.running.registry.check_limits = old
     assert client.list_models() is not None  # the server is healthy: it answers and still takes uploads
     assert upload(client, _script(nn.Sequential(nn.Flatten(), nn.Linear(36, 4))), "torchscript",
                   input_shape=list(SHAPE)).spec.num_classes == 4
 
 
-def test_a_program_that_allocates_too_much_is_refused_by_the_memory_limit(srv, client):
-    old = _limits(srv, timeout_s=60.0, memory_mb=1024)
+def test_a_program_that_allocates_too_much_is_refused_by_the_memory_limit(server, client):
+    old = _limits(server, timeout_s=60.0, memory_mb=1024)
     try:
         msg = refused(lambda: upload(client, _script(_Huge()), "torchscript", input_shape=list(SHAPE)))
         assert "memory" in msg and "1024 MiB" in msg and "upload_check_memory_mb" in msg, msg
     finally:
         if old is not None:
-            srv.running.registry.check_limits = old
+            server.running.registry.check_limits = old
 
 
 # ------------------------------------------------------------------ 3. paths come from the server
@@ -309,12 +299,12 @@ def _npz(n: int = 4, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def test_a_split_never_becomes_a_path(srv, client, tmp_path):
-    reg = srv.running.registry
+def test_a_split_never_becomes_a_path(server, client, tmp_path):
+    reg = server.running.registry
     other = client.upload_dataset(_npz(seed=1), split="train")
     stored = reg.dataset_file(other.id, "train")
     before = stored.read_bytes()
-    data_dir = Path(srv.cfg.data_dir)
+    data_dir = Path(server.cfg.data_dir)
     outside = tmp_path / "outside"
     for split in (str(outside), "../escape", "../../escape", "a\x00b", "a/b", f"../{other.id}/train", "x" * 40,
                   "Train\n"):
