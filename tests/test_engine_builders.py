@@ -2,12 +2,14 @@
 robust and non-robust features, and the builders' invariants."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from advex.engine import zoo
 from advex.engine.attacks import AttackConfig
-from advex.engine.builders import (BuildConfig, InversionConfig, PAPER_RELABEL_ATTACK, build_all,
+from advex.engine.builders import (BuildConfig, InversionConfig, PAPER_RELABEL_ATTACK, build, build_all,
                                    relabel_targets, start_indices)
 from advex.engine.data import ArrayDataset, PlantedParams, planted_l2
 from advex.engine.evaluate import AttackSweep, evaluate
@@ -136,17 +138,23 @@ def test_start_images_are_other_examples():
     assert (s != torch.arange(1000)).all() and s.unique().numel() > 990
 
 
-@pytest.mark.parametrize("mode", ["d_nr", "d_rand"])
-def test_shard_boundaries_change_nothing(mode):
+@pytest.mark.parametrize("mode", ["d_r", "d_rand", "d_det"])
+def test_a_build_started_at_a_batch_boundary_gives_the_rest_bit_for_bit(mode):
+    """What resuming an interrupted build relies on: the batches from `start` on are the
+    uninterrupted build's, whatever came before."""
     model, data = tiny_images(arch="small_cnn")
-    cfg = dict(inversion=InversionConfig(steps=20), attack=PAPER_RELABEL_ATTACK, batch_size=8, seed=11)
-    a, _ = build_all(model, data, BuildConfig(mode, shard_size=8, **cfg))
-    b, _ = build_all(model, data, BuildConfig(mode, shard_size=24, **cfg))
-    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
-    c, _ = build_all(model, data, BuildConfig(mode, shard_size=8, **{**cfg, "seed": 12}))
-    if mode == "d_nr":  # another seed, other start images
-        assert not torch.equal(a.x, c.x)
-    assert a.x.min() >= 0 and a.x.max() <= 1
+    cfg = BuildConfig(mode, inversion=InversionConfig(steps=20), attack=PAPER_RELABEL_ATTACK, batch_size=8, seed=11)
+    whole = list(build(model, data, cfg))
+    tail = list(build(model, data, cfg, start=16))
+    assert [p.start for p in tail] == [p.start for p in whole if p.start >= 16]
+    for a, b in zip(tail, [p for p in whole if p.start >= 16]):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+        assert all(torch.equal(a.stats[k], b.stats[k]) for k in a.stats)
+    if mode != "d_det":  # the seed picks start images (D_R) or targets (D_rand); D_det has no randomness
+        other = list(build(model, data, replace(cfg, seed=12)))
+        assert not torch.equal(torch.cat([p.x for p in whole]), torch.cat([p.x for p in other]))
+    with pytest.raises(ValueError, match="batch boundary"):
+        next(build(model, data, cfg, start=5))
 
 
 def test_noise_start_and_bad_configs():

@@ -7,9 +7,10 @@
 - D_rand / D_det (§3.2): targeted L2 PGD toward t (uniformly random other class, or (y+1) mod C);
   label t.
 
-Work is done in shards of whole batches, and every random choice (start image, noise, target)
-is a function of the seed and the example's index alone, so shard and batch boundaries change
-nothing: the same seed gives the same dataset bit for bit.
+Work is yielded batch by batch (a caller that stores it checkpoints every few batches: a
+"shard"), and every random choice (start image, noise, target) is a function of the seed and the
+example's index alone, so shard boundaries change nothing and a build started again at any batch
+boundary (``start``) gives the rest of the dataset bit for bit: the same seed, the same dataset.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class BuildConfig:
     attack: AttackConfig = PAPER_RELABEL_ATTACK
     seed: int = 0
     batch_size: int = 128
-    shard_size: int = 4096                      # rounded up to whole batches
+    shard_size: int = 4096                      # examples between checkpoints, rounded up to whole batches
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -86,6 +87,8 @@ class BuildConfig:
 
 @dataclass
 class Shard:
+    """One batch of the constructed dataset (examples start .. start + len(x))."""
+
     start: int                # index of its first example
     x: torch.Tensor           # float32 [S, ...] in the box
     y: torch.Tensor           # int64 [S]: y (D_R, D_NR) or the target t (D_rand, D_det)
@@ -138,44 +141,41 @@ def invert(model: ModelWrapper, x_target: torch.Tensor, x_start: torch.Tensor, c
 
 def build(model: ModelWrapper, data: ArrayDataset, cfg: BuildConfig, device: torch.device | str = "cpu",
           on_batch: Optional[Callable[[int, int], None]] = None,
-          on_step: Optional[Callable[[int, int], None]] = None) -> Iterator[Shard]:
-    """Yield the constructed dataset shard by shard. on_batch(done_examples, total) after each
-    batch; on_step(step, steps) after every optimizer step (a cancellation point)."""
+          on_step: Optional[Callable[[int, int], None]] = None, start: int = 0) -> Iterator[Shard]:
+    """Yield the constructed dataset batch by batch, from example ``start`` (0, or a batch
+    boundary where an interrupted build stopped: the batches are the same as an uninterrupted
+    build's). on_batch(done_examples, total) after each batch; on_step(step, steps) after every
+    optimizer step (a cancellation point)."""
     cfg.validate()
     if cfg.mode in ("d_r", "d_nr") and not model.has_features:
         raise ValueError("representation inversion needs a model that exposes its penultimate layer (features)")
     if cfg.mode in ("d_r", "d_nr") and cfg.inversion.start == "noise" and data.box is None:
         raise ValueError("noise starts need image data in the [0,1] box")
-    model.eval()
     n = len(data)
+    if not (0 <= start <= n and (start % cfg.batch_size == 0 or start == n)):
+        raise ValueError(f"start must be a batch boundary in [0, {n}], got {start}")
+    model.eval()
     starts = start_indices(n, cfg.seed) if cfg.mode in ("d_r", "d_nr") and cfg.inversion.start == "image" else None
     targets = relabel_targets(data.y, data.num_classes, cfg.mode, cfg.seed) if cfg.mode in ("d_rand", "d_det") else None
-    for s0 in range(0, n, cfg.shard_examples):
-        xs, ys, stats = [], [], {}
-        for b0 in range(s0, min(s0 + cfg.shard_examples, n), cfg.batch_size):
-            rows = torch.arange(b0, min(b0 + cfg.batch_size, n))
-            x = batch_float(data.x[rows]).to(device)
-            if targets is not None:
-                t = targets[rows].to(device)
-                out = attack(model.logits, x, t, replace(cfg.attack, seed=cfg.seed + b0), box=data.box,
-                             on_step=on_step)
-                xs.append(out.x_adv.detach().cpu())
-                ys.append(t.cpu())
-                batch_stats = {"target_hit": out.success.cpu().float(), "l2": per_example_norm(out.x_adv - x, 2.0).cpu()}
+    for b0 in range(start, n, cfg.batch_size):
+        rows = torch.arange(b0, min(b0 + cfg.batch_size, n))
+        x = batch_float(data.x[rows]).to(device)
+        if targets is not None:
+            t = targets[rows].to(device)
+            out = attack(model.logits, x, t, replace(cfg.attack, seed=cfg.seed + b0), box=data.box, on_step=on_step)
+            piece = Shard(b0, out.x_adv.detach().cpu(), t.cpu(),
+                          {"target_hit": out.success.cpu().float(), "l2": per_example_norm(out.x_adv - x, 2.0).cpu()})
+        else:
+            if starts is not None:
+                x0 = batch_float(data.x[starts[rows]]).to(device)
             else:
-                if starts is not None:
-                    x0 = batch_float(data.x[starts[rows]]).to(device)
-                else:
-                    x0 = torch.stack([torch.rand(x.shape[1:], generator=_example_generator(cfg.seed, int(i)))
-                                      for i in rows]).to(device)
-                z, batch_stats = invert(model, x, x0, cfg.inversion, data.box, on_step=on_step)
-                xs.append(z.detach().cpu())
-                ys.append(data.y[rows])
-            for k, v in batch_stats.items():
-                stats.setdefault(k, []).append(v)
-            if on_batch is not None:
-                on_batch(int(rows[-1]) + 1, n)
-        yield Shard(s0, torch.cat(xs), torch.cat(ys), {k: torch.cat(v) for k, v in stats.items()})
+                x0 = torch.stack([torch.rand(x.shape[1:], generator=_example_generator(cfg.seed, int(i)))
+                                  for i in rows]).to(device)
+            z, stats = invert(model, x, x0, cfg.inversion, data.box, on_step=on_step)
+            piece = Shard(b0, z.detach().cpu(), data.y[rows].clone(), stats)
+        if on_batch is not None:
+            on_batch(int(rows[-1]) + 1, n)
+        yield piece
 
 
 def summarize(mode: str, stats: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -1,11 +1,17 @@
 """Standard and adversarial training (Madry et al. inner loop), deterministic on CPU
 given a seed: SGD with momentum and weight decay, step / cosine / constant schedules,
-optional random-crop + flip augmentation."""
+optional random-crop + flip augmentation. Training can stop at any batch boundary and go on
+from a ``TrainState`` exactly as if it had never stopped (the weights come out bit for bit the
+same on CPU): the state holds the weights, the momentum buffers, the epoch's order, the random
+generators and the running sums."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -98,13 +104,82 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+@dataclass
+class TrainState:
+    """Where a training run stands at a batch boundary: enough to go on bit for bit."""
+
+    epoch: int                          # the epoch in progress, 0-based (cfg.epochs: finished)
+    position: int                       # examples of that epoch already trained
+    batches: int                        # batches trained in all
+    order: Optional[torch.Tensor]       # that epoch's permutation (None before it starts)
+    loss_sum: float
+    correct: int
+    robust_correct: int
+    generator: torch.Tensor             # state of the run's generator (order, augmentation, attack seeds)
+    global_rng: torch.Tensor            # torch's global CPU generator state
+    weights: dict[str, torch.Tensor]    # the model's state_dict
+    momentum: dict[int, torch.Tensor]   # SGD momentum buffer per parameter index
+    history: list[EpochStats] = field(default_factory=list)
+
+
+def save_state(state: TrainState, path: str | Path) -> None:
+    """Write ``state`` as a safetensors file (tensors + JSON metadata, nothing pickled),
+    atomically: a crash leaves the previous checkpoint or this one, never half of one."""
+    from safetensors.torch import save
+
+    tensors = {f"weights.{k}": v.detach().cpu().contiguous() for k, v in state.weights.items()}
+    tensors.update({f"momentum.{i}": v.detach().cpu().contiguous() for i, v in state.momentum.items()})
+    tensors["generator"] = state.generator.contiguous()
+    tensors["global_rng"] = state.global_rng.contiguous()
+    if state.order is not None:
+        tensors["order"] = state.order.contiguous()
+    meta = {"epoch": state.epoch, "position": state.position, "batches": state.batches,
+            "loss_sum": state.loss_sum, "correct": state.correct, "robust_correct": state.robust_correct,
+            "history": [asdict(h) for h in state.history]}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(save(tensors, metadata={"advex_train_state": json.dumps(meta)}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> TrainState:
+    """The TrainState saved at path (ValueError when the file is not one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["advex_train_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return TrainState(
+            epoch=int(meta["epoch"]), position=int(meta["position"]), batches=int(meta["batches"]),
+            order=tensors.get("order"), loss_sum=float(meta["loss_sum"]), correct=int(meta["correct"]),
+            robust_correct=int(meta["robust_correct"]), generator=tensors["generator"],
+            global_rng=tensors["global_rng"],
+            weights={k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")},
+            momentum={int(k[len("momentum."):]): v for k, v in tensors.items() if k.startswith("momentum.")},
+            history=[EpochStats(**h) for h in meta["history"]])
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a training checkpoint: {exc}") from exc
+
+
 EpochCallback = Callable[[EpochStats], None]
 BatchCallback = Callable[[int, int], None]
+StateCallback = Callable[[TrainState], None]
 
 
 def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: torch.device | str = "cpu",
-          on_epoch: Optional[EpochCallback] = None, on_batch: Optional[BatchCallback] = None) -> list[EpochStats]:
-    """Train ``model`` in place on ``data``. on_batch(done, total) after every batch."""
+          on_epoch: Optional[EpochCallback] = None, on_batch: Optional[BatchCallback] = None, *,
+          resume: Optional[TrainState] = None, on_checkpoint: Optional[StateCallback] = None,
+          on_interrupt: Optional[StateCallback] = None) -> list[EpochStats]:
+    """Train ``model`` in place on ``data``; the history of every epoch (resumed ones included).
+
+    on_batch(done, total) after every batch; it may raise to stop the run (cancellation), and
+    then on_interrupt(state) gets the state after that batch first. on_checkpoint(state) after
+    every epoch. resume: a state from either, to go on from (with the same data and cfg).
+    """
     cfg.validate()
     if cfg.augment and data.x.dim() != 4:
         raise ValueError("augment needs image data [N,C,H,W]")
@@ -116,16 +191,33 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
     per_epoch = math.ceil(n / cfg.batch_size)
     total = per_epoch * cfg.epochs
     history: list[EpochStats] = []
-    done = 0
-    for epoch in range(cfg.epochs):
+    done, first_epoch, position, order = 0, 0, 0, None
+    loss_sum, correct, robust_correct = 0.0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume.weights)
+        for i, buf in resume.momentum.items():
+            opt.state[params[i]]["momentum_buffer"] = buf.to(device).clone()
+        gen.set_state(resume.generator)
+        torch.set_rng_state(resume.global_rng)
+        history = list(resume.history)
+        done, first_epoch, position, order = resume.batches, resume.epoch, resume.position, resume.order
+        loss_sum, correct, robust_correct = resume.loss_sum, resume.correct, resume.robust_correct
+
+    def state(epoch: int) -> TrainState:
+        momentum = {i: opt.state[p]["momentum_buffer"] for i, p in enumerate(params)
+                    if opt.state.get(p, {}).get("momentum_buffer") is not None}
+        return TrainState(epoch, position, done, order, loss_sum, correct, robust_correct, gen.get_state(),
+                          torch.get_rng_state(), model.state_dict(), momentum, list(history))
+
+    for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
         lr = lr_at(cfg, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        order = torch.randperm(n, generator=gen)
-        loss_sum, correct, robust_correct = 0.0, 0, 0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+        if order is None:
+            order = torch.randperm(n, generator=gen)
+        while position < n:
+            idx = order[position:position + cfg.batch_size]
             x = batch_float(data.x[idx])
             if cfg.augment:
                 x = augment_batch(x, gen)
@@ -152,12 +244,22 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
             else:
                 correct += hits
             done += 1
+            position += len(idx)
             if on_batch is not None:
-                on_batch(done, total)
+                try:
+                    on_batch(done, total)
+                except BaseException:
+                    if on_interrupt is not None:
+                        model.eval()
+                        on_interrupt(state(epoch))
+                    raise
         stats = EpochStats(epoch + 1, loss_sum / n, correct / n,
                            robust_correct / n if cfg.adversarial is not None else float("nan"),
                            lr, time.perf_counter() - t0)
         history.append(stats)
+        position, order, loss_sum, correct, robust_correct = 0, None, 0.0, 0, 0
+        if on_checkpoint is not None:
+            on_checkpoint(state(epoch + 1))
         if on_epoch is not None:
             on_epoch(stats)
     model.eval()
