@@ -124,6 +124,7 @@ class Fixtures:
     ops: list[str] = field(default_factory=list)  # operations the fuzz started
     created_models: list[str] = field(default_factory=list)  # what the fuzz uploaded (fair game for Delete)
     created_datasets: list[str] = field(default_factory=list)
+    page_tokens: list[str] = field(default_factory=list)  # next_page_tokens the server issued (any list)
 
     def protected(self) -> set[str]:
         return set(self.models) | set(self.datasets)
@@ -184,6 +185,10 @@ def prepare(channel: grpc.Channel, metadata=()) -> Fixtures:
     ds = stub.UploadDataset(iter([res.UploadDatasetRequest(header=res.UploadDatasetHeader(name="fuzz", split="test")),
                                   res.UploadDatasetRequest(chunk=npz)]), metadata=metadata, timeout=60)
     builtins = {d.id for d in stub.ListDatasets(res.ListDatasetsRequest(), metadata=metadata, timeout=30).datasets}
+    for listed in (stub.ListModels(res.ListModelsRequest(page_size=1), metadata=metadata, timeout=30),
+                   stub.ListDatasets(res.ListDatasetsRequest(page_size=1), metadata=metadata, timeout=30)):
+        if listed.next_page_token:
+            fx.page_tokens.append(listed.next_page_token)
     fx.models = [cnn.id, lin.id, onnx.id]
     fx.feature_models = [cnn.id]
     fx.datasets = [ds.id, "tsipras"] + (["mnist"] if "mnist" in builtins else [])
@@ -264,6 +269,29 @@ class Generator:
                 return self.rng.randbytes(self.rng.choice([0, 1, 16, 300]))
             return self.string(for_delete)
         raise AssertionError(f.cpp_type)
+
+    def page_token(self) -> str:
+        """"" (the first page), a token the server issued (for this list or another one), or one
+        of them altered: a character changed, cut, extended, re-spelled; or no token at all."""
+        tokens, r = self.fx.page_tokens, self.rng.random()
+        if not tokens or r < 0.2:
+            return self.pick(["", "", "A", "AAAA", "garbage", "x" * 600, "=", "AQ", "AQID" * 40])
+        token = self.pick(tokens)
+        if r < 0.55:
+            return token
+        how = self.rng.randrange(6)
+        if how == 0:
+            k = self.rng.randrange(len(token))
+            return token[:k] + self.pick([c for c in "AQgw_-" if c != token[k]]) + token[k + 1:]
+        if how == 1:
+            return token[:self.rng.randrange(len(token))]
+        if how == 2:
+            return token + self.pick(["=", "==", "A", "AAAA", "\x00", " "])
+        if how == 3:
+            return token.replace("-", "+").replace("_", "/")
+        if how == 4:
+            return token[::-1]
+        return self.pick(WEIRD)
 
     def count(self) -> int:
         r = self.rng.random()
@@ -438,7 +466,8 @@ class Generator:
         elif method == "WaitOperation":
             m = op_pb.WaitOperationRequest(operation_id=op_id, timeout_seconds=self.pick([0.0, 0.01, 0.2]))
         elif method == "ListOperations":
-            m = op_pb.ListOperationsRequest(kind=self.pick(["", "train", "evaluate"]), page_size=self.pick([0, 5]))
+            m = op_pb.ListOperationsRequest(kind=self.pick(["", "train", "evaluate"]), page_size=self.pick([0, 1, 5, 1000]),
+                                            page_token=self.page_token())
         elif method in ("GetModel", "DeleteModel"):
             pool = fx.models if method == "GetModel" else fx.created_models or ["m-none"]
             m = message_factory.GetMessageClass(SERVICE.methods_by_name[method].input_type)(model_id=self.pick(pool))
@@ -453,7 +482,8 @@ class Generator:
         elif method == "ExportModel":
             m = res.ExportModelRequest(model_id=model, dataset_id=dataset, limit=limit or 2)
         else:  # ListModels, ListDatasets
-            m = message_factory.GetMessageClass(SERVICE.methods_by_name[method].input_type)()
+            m = message_factory.GetMessageClass(SERVICE.methods_by_name[method].input_type)(
+                page_size=self.pick([0, 1, 2, 1000]), page_token=self.page_token())
         if r.random() < 0.85:
             self.mutate(m, self.pick([1, 1, 1, 2, 3]))
         return m
@@ -721,6 +751,11 @@ def fuzz(target: str, count: int, seed: int, fx: Fixtures, *, metadata=(), deadl
                     fx.created_models.append(res.Model.FromString(out[0]).id)
                 elif case.method == "UploadDataset":
                     fx.created_datasets.append(res.Dataset.FromString(out[0]).id)
+                elif case.method.startswith("List") and len(fx.page_tokens) < 64:
+                    listed = message_factory.GetMessageClass(SERVICE.methods_by_name[case.method].output_type)
+                    token = listed.FromString(out[0]).next_page_token
+                    if token and token not in fx.page_tokens:
+                        fx.page_tokens.append(token)
             if progress is not None:
                 progress(i)
         for op_id in fx.ops:

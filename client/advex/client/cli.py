@@ -284,7 +284,7 @@ def cmd_ops(args) -> int:
     if args.action == "list":
         print(table(["id", "kind", "state", "progress", "stage"],
                     [[o.id, o.proto.kind, o.state, f"{o.proto.progress.done}/{o.proto.progress.total}",
-                      o.proto.progress.stage] for o in c.list_operations(kind=args.kind)]))
+                      o.proto.progress.stage] for o in c.list_operations(kind=args.kind, limit=args.limit or None)]))
     elif args.action == "get":
         _print_json(c.get_operation(args.id).proto)
     elif args.action == "cancel":
@@ -522,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--lossy-uint8", action="store_true", help="download: round float32 images to uint8")
         if name == "ops":
             r.add_argument("--kind", default="")
+            r.add_argument("--limit", type=int, default=100, help="list: the newest N operations (0 = all)")
         r.set_defaults(fn=fn)
     return p
 

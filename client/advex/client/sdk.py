@@ -330,9 +330,20 @@ class Client:
     def get_operation(self, operation_id: str) -> Operation:
         return Operation(self, self._call("GetOperation", op_pb.GetOperationRequest(operation_id=operation_id)))
 
-    def list_operations(self, kind: str = "", page_size: int = 0) -> list[Operation]:
-        resp = self._call("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size))
-        return [Operation(self, op) for op in resp.operations]
+    def list_operations(self, kind: str = "", page_size: int = 0, limit: Optional[int] = None) -> list[Operation]:
+        """Operations, newest first (kind: only those of this kind, "" = all): every page, fetched
+        page_size at a time (0 = the server's default), or the newest `limit` of them."""
+        if limit is not None and not page_size:
+            page_size = max(1, min(limit, 1000))
+        pages = self._pages("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size), limit)
+        return [Operation(self, op) for op in pages]
+
+    def list_operations_page(self, kind: str = "", page_size: int = 0,
+                             page_token: str = "") -> tuple[list[Operation], str]:
+        """One page of operations and the next page's token ("" after the last page)."""
+        resp = self._call("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size,
+                                                                        page_token=page_token))
+        return [Operation(self, op) for op in resp.operations], resp.next_page_token
 
     def cancel_operation(self, operation_id: str) -> Operation:
         return Operation(self, self._call("CancelOperation", op_pb.CancelOperationRequest(operation_id=operation_id)))
@@ -375,8 +386,14 @@ class Client:
     def get_model(self, model_id: str) -> res.Model:
         return self._call("GetModel", res.GetModelRequest(model_id=model_id))
 
-    def list_models(self) -> list[res.Model]:
-        return list(self._call("ListModels", res.ListModelsRequest()).models)
+    def list_models(self, page_size: int = 0) -> list[res.Model]:
+        """Every model, oldest first, fetched page by page (page_size per call; 0 = the server's default)."""
+        return self._pages("ListModels", res.ListModelsRequest(page_size=page_size))
+
+    def list_models_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[res.Model], str]:
+        """One page of models and the next page's token ("" after the last page)."""
+        resp = self._call("ListModels", res.ListModelsRequest(page_size=page_size, page_token=page_token))
+        return list(resp.models), resp.next_page_token
 
     def delete_model(self, model_id: str) -> None:
         self._call("DeleteModel", res.DeleteModelRequest(model_id=model_id))
@@ -401,8 +418,32 @@ class Client:
     def get_dataset(self, dataset_id: str) -> res.Dataset:
         return self._call("GetDataset", res.GetDatasetRequest(dataset_id=dataset_id))
 
-    def list_datasets(self) -> list[res.Dataset]:
-        return list(self._call("ListDatasets", res.ListDatasetsRequest()).datasets)
+    def list_datasets(self, page_size: int = 0) -> list[res.Dataset]:
+        """Every dataset (the built-ins first), fetched page by page (page_size per call; 0 = the
+        server's default)."""
+        return self._pages("ListDatasets", res.ListDatasetsRequest(page_size=page_size))
+
+    def list_datasets_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[res.Dataset], str]:
+        """One page of datasets and the next page's token ("" after the last page)."""
+        resp = self._call("ListDatasets", res.ListDatasetsRequest(page_size=page_size, page_token=page_token))
+        return list(resp.datasets), resp.next_page_token
+
+    def _pages(self, method: str, request, limit: Optional[int] = None) -> list:
+        """The items of every page of a list RPC (or the first `limit`), following next_page_token."""
+        items: list = []
+        seen: set[str] = set()
+        while limit is None or len(items) < limit:
+            resp = self._call(method, request)
+            field = resp.DESCRIPTOR.fields_by_number[1].name  # models, datasets, operations
+            items.extend(getattr(resp, field))
+            token = resp.next_page_token
+            if not token:
+                break
+            if token in seen:  # a server that does not advance: stop rather than loop
+                raise RuntimeError(f"{method}: the server answered the same next_page_token twice")
+            seen.add(token)
+            request.page_token = token
+        return items if limit is None else items[:limit]
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._call("DeleteDataset", res.DeleteDatasetRequest(dataset_id=dataset_id))

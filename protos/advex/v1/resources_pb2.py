@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64vex/v1/resources.proto\x12\x08\x61\x64vex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x03\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.advex.v1.ModelFormat\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x0c\n\x04mean\x18\x06 \x03(\x02\x12\x0b\n\x03std\x18\x07 \x03(\x02\x12/\n\x06labels\x18\x08 \x03(\x0b\x32\x1f.advex.v1.ModelSpec.LabelsEntry\x12\x34\n\tarch_args\x18\t \x03(\x0b\x32!.advex.v1.ModelSpec.ArchArgsEntry\x12\x0e\n\x06layout\x18\n \x01(\t\x12\x13\n\x0bvalue_range\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rArchArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfa\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.advex.v1.ModelSpec\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x14\n\x0clineage_json\x18\x07 \x01(\t\x12\x14\n\x0chas_features\x18\x08 \x01(\x08\x12\x15\n\rhas_gradients\x18\t \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\"f\n\x12\x45xportModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\"R\n\x12UploadModelRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x13.advex.v1.ModelSpecH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"\x13\n\x11ListModelsRequest\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.advex.v1.Model\"\xec\x02\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12-\n\x06splits\x18\x04 \x03(\x0b\x32\x1d.advex.v1.Dataset.SplitsEntry\x12\x15\n\rexample_shape\x18\x05 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x06 \x01(\x05\x12 \n\x06\x64omain\x18\x07 \x01(\x0e\x32\x10.advex.v1.Domain\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63lass_names\x18\x0c \x03(\t\x12\x14\n\x0clineage_json\x18\r \x01(\t\x1a-\n\x0bSplitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"~\n\x13UploadDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12 \n\x06\x64omain\x18\x04 \x01(\x0e\x32\x10.advex.v1.Domain\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\"`\n\x14UploadDatasetRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.advex.v1.UploadDatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"\x15\n\x13ListDatasetsRequest\";\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.advex.v1.Dataset*i\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSAFETENSORS\x10\x01\x12\x0f\n\x0bTORCHSCRIPT\x10\x02\x12\x10\n\x0cTORCH_EXPORT\x10\x03\x12\x08\n\x04ONNX\x10\x04*\x1d\n\x06\x44omain\x12\t\n\x05IMAGE\x10\x00\x12\x08\n\x04REAL\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64vex/v1/resources.proto\x12\x08\x61\x64vex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x03\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.advex.v1.ModelFormat\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x0c\n\x04mean\x18\x06 \x03(\x02\x12\x0b\n\x03std\x18\x07 \x03(\x02\x12/\n\x06labels\x18\x08 \x03(\x0b\x32\x1f.advex.v1.ModelSpec.LabelsEntry\x12\x34\n\tarch_args\x18\t \x03(\x0b\x32!.advex.v1.ModelSpec.ArchArgsEntry\x12\x0e\n\x06layout\x18\n \x01(\t\x12\x13\n\x0bvalue_range\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rArchArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfa\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.advex.v1.ModelSpec\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x14\n\x0clineage_json\x18\x07 \x01(\t\x12\x14\n\x0chas_features\x18\x08 \x01(\x08\x12\x15\n\rhas_gradients\x18\t \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\"f\n\x12\x45xportModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\"R\n\x12UploadModelRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x13.advex.v1.ModelSpecH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.advex.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xec\x02\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12-\n\x06splits\x18\x04 \x03(\x0b\x32\x1d.advex.v1.Dataset.SplitsEntry\x12\x15\n\rexample_shape\x18\x05 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x06 \x01(\x05\x12 \n\x06\x64omain\x18\x07 \x01(\x0e\x32\x10.advex.v1.Domain\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63lass_names\x18\x0c \x03(\t\x12\x14\n\x0clineage_json\x18\r \x01(\t\x1a-\n\x0bSplitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"~\n\x13UploadDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12 \n\x06\x64omain\x18\x04 \x01(\x0e\x32\x10.advex.v1.Domain\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\"`\n\x14UploadDatasetRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.advex.v1.UploadDatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.advex.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*i\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSAFETENSORS\x10\x01\x12\x0f\n\x0bTORCHSCRIPT\x10\x02\x12\x10\n\x0cTORCH_EXPORT\x10\x03\x12\x08\n\x04ONNX\x10\x04*\x1d\n\x06\x44omain\x12\t\n\x05IMAGE\x10\x00\x12\x08\n\x04REAL\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSPEC_ARCHARGSENTRY']._serialized_options = b'8\001'
   _globals['_DATASET_SPLITSENTRY']._loaded_options = None
   _globals['_DATASET_SPLITSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELFORMAT']._serialized_start=1869
-  _globals['_MODELFORMAT']._serialized_end=1974
-  _globals['_DOMAIN']._serialized_start=1976
-  _globals['_DOMAIN']._serialized_end=2005
+  _globals['_MODELFORMAT']._serialized_start=1997
+  _globals['_MODELFORMAT']._serialized_end=2102
+  _globals['_DOMAIN']._serialized_start=2104
+  _globals['_DOMAIN']._serialized_end=2133
   _globals['_MODELSPEC']._serialized_start=72
   _globals['_MODELSPEC']._serialized_end=463
   _globals['_MODELSPEC_LABELSENTRY']._serialized_start=369
@@ -61,25 +61,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEMODELRESPONSE']._serialized_start=983
   _globals['_DELETEMODELRESPONSE']._serialized_end=1004
   _globals['_LISTMODELSREQUEST']._serialized_start=1006
-  _globals['_LISTMODELSREQUEST']._serialized_end=1025
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1027
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1080
-  _globals['_DATASET']._serialized_start=1083
-  _globals['_DATASET']._serialized_end=1447
-  _globals['_DATASET_SPLITSENTRY']._serialized_start=1402
-  _globals['_DATASET_SPLITSENTRY']._serialized_end=1447
-  _globals['_UPLOADDATASETHEADER']._serialized_start=1449
-  _globals['_UPLOADDATASETHEADER']._serialized_end=1575
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=1577
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=1673
-  _globals['_GETDATASETREQUEST']._serialized_start=1675
-  _globals['_GETDATASETREQUEST']._serialized_end=1714
-  _globals['_DELETEDATASETREQUEST']._serialized_start=1716
-  _globals['_DELETEDATASETREQUEST']._serialized_end=1758
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=1760
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=1783
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1785
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1806
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1808
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1867
+  _globals['_LISTMODELSREQUEST']._serialized_end=1064
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1066
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1144
+  _globals['_DATASET']._serialized_start=1147
+  _globals['_DATASET']._serialized_end=1511
+  _globals['_DATASET_SPLITSENTRY']._serialized_start=1466
+  _globals['_DATASET_SPLITSENTRY']._serialized_end=1511
+  _globals['_UPLOADDATASETHEADER']._serialized_start=1513
+  _globals['_UPLOADDATASETHEADER']._serialized_end=1639
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=1641
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=1737
+  _globals['_GETDATASETREQUEST']._serialized_start=1739
+  _globals['_GETDATASETREQUEST']._serialized_end=1778
+  _globals['_DELETEDATASETREQUEST']._serialized_start=1780
+  _globals['_DELETEDATASETREQUEST']._serialized_end=1822
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=1824
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=1847
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1849
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1909
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1911
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1995
 # @@protoc_insertion_point(module_scope)
