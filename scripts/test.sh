@@ -11,12 +11,17 @@ venv="${ADVEX_VENV:-.venv}"
 "$venv/bin/python" -m pip install -q -c ci/constraints.txt scipy
 "$venv/bin/python" -m pip install -q --no-deps -c ci/constraints.txt torchattacks
 
-# The TLS tests make their certificates with the openssl command.
-if ! command -v openssl >/dev/null; then
+# The TLS tests make their certificates with the openssl command; the no-traffic test follows
+# a real server with strace.
+missing=""
+command -v openssl >/dev/null || missing="$missing openssl"
+command -v strace >/dev/null || missing="$missing strace"
+if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  $sudo_cmd apt-get install -y -qq openssl >/dev/null
+  # shellcheck disable=SC2086
+  $sudo_cmd apt-get install -y -qq $missing >/dev/null
 fi
 
 if [ -z "${ADVEX_DATA_ROOT:-}" ] && [ -d ../shared/data ]; then

@@ -347,11 +347,14 @@ def test_restart_keeps_the_store_intact(tmp_path):
         long = c.train("mlp", "tsipras", epochs=500, batch_size=10, schedule="constant")
         ds = c.upload_dataset((np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])), domain="real")
         before = c.get_model(model_id)
-    # the server stopped with `long` running: it was cancelled at shutdown
+    # the server stopped with `long` running: training checkpoints and resumes under its id
     with InProcessServer(**settings) as srv, Client(srv.target) as c:
         assert c.get_model(model_id) == before
         assert c.get_operation(op.id).state == "SUCCEEDED"
-        assert c.get_operation(long.id).state in ("CANCELLED", "FAILED")
+        resumed = c.get_operation(long.id)
+        assert not resumed.done and "resumed after a server restart" in resumed.proto.progress.stage
+        c.cancel_operation(long.id)
+        assert c.wait_operation(long.id, timeout=30).state == "CANCELLED"
         assert c.get_dataset(ds.id).splits["train"] == 4
         x = np.random.default_rng(0).normal(size=(4, 101)).astype(np.float32)
         assert c.attack(model_id, x, [0, 1, 0, 1], norm="Linf", eps=0.1, domain="real").x_adv.shape == (4, 101)
@@ -362,10 +365,25 @@ def test_interrupted_operations_are_marked_failed_after_a_crash(tmp_path):
     from advex.v1 import operation_pb2 as op_pb
 
     store = Store(tmp_path / "advex.sqlite3")
-    op = op_pb.Operation(id="op-crashed", kind="train", state=op_pb.Operation.RUNNING)
-    op.create_time.GetCurrentTime()
-    store.put_operation(op.id, op.kind, op.state, 0.0, op.SerializeToString())
+    for op_id, kind, request in [("op-crashed", "evaluate", '{"model_id": "m-1"}'),
+                                 ("op-gone", "train", '{"architecture": "mlp", "dataset_id": "ds-deleted"}'),
+                                 ("op-garbled", "robustify", '{"no_such_field": 1}'),
+                                 ("op-crashy", "train", '{"architecture": "mlp", "dataset_id": "tsipras"}')]:
+        op = op_pb.Operation(id=op_id, kind=kind, state=op_pb.Operation.RUNNING, request_json=request)
+        op.create_time.GetCurrentTime()
+        store.put_operation(op.id, op.kind, op.state, 0.0, op.SerializeToString())
     store.close()
+    (tmp_path / "artifacts" / "jobs" / "op-crashy").mkdir(parents=True)
+    (tmp_path / "artifacts" / "jobs" / "op-crashy" / "resumes").write_text("5")  # 5 crashes in a row so far
     with InProcessServer(data_dir=str(tmp_path), data_roots=[]) as srv, Client(srv.target) as c:
-        got = c.get_operation("op-crashed")
+        got = c.get_operation("op-crashed")  # not a resumable kind: it says so
         assert got.state == "FAILED" and got.proto.error.code == grpc.StatusCode.ABORTED.value[0]
+        assert "evaluate operations do not resume" in got.proto.error.message
+        gone = c.get_operation("op-gone")  # resumable, but what it needs is gone: the planner's own status
+        assert gone.state == "FAILED" and gone.proto.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert gone.proto.error.message.startswith("could not resume after a restart: ")
+        garbled = c.get_operation("op-garbled")
+        assert garbled.state == "FAILED" and garbled.proto.error.code == grpc.StatusCode.ABORTED.value[0]
+        crashy = c.get_operation("op-crashy")  # a sixth crash in a row: it may be what kills the server
+        assert crashy.state == "FAILED" and "6 crashes in a row" in crashy.proto.error.message
+        assert not (tmp_path / "artifacts" / "jobs" / "op-crashy").exists()

@@ -31,8 +31,10 @@ def test_sigterm_stops_gracefully_and_records_cancelled_work(tmp_path):
     try:
         line = proc.stdout.readline()
         assert f"serving on 127.0.0.1:{port}" in line, line
-        with Client(f"127.0.0.1:{port}") as c:
-            op = c.train("mlp", "tsipras", epochs=500, batch_size=10, schedule="constant")
+        with Client(f"127.0.0.1:{port}") as c:  # an evaluation (training would checkpoint and resume)
+            model_id = c.train("linear", "tsipras", epochs=1, batch_size=100, limit=500).result(
+                timeout=60, progress=False).model_id
+            op = c.evaluate(model_id, "tsipras", attacks=[{"norm": "L2", "eps": [0.5], "steps": 5000}])
             for snap in op.watch():
                 if snap.progress.done > 0:
                     break

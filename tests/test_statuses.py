@@ -11,7 +11,7 @@ from advex.service.inprocess import InProcessServer
 from advex.v1 import operation_pb2 as op_pb
 from advex.v1 import resources_pb2 as res
 from advex.v1 import robustness_pb2 as rpc
-from advex.v1 import tensor_pb2
+from advex.v1 import results_pb2, tensor_pb2
 from advex.v1.wire import WireError, from_tensor, to_tensor
 
 from conftest import data_roots
@@ -196,3 +196,34 @@ def test_wait_operation_with_an_undecodable_request_is_invalid_argument(channel)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     ok = op_pb.WaitOperationRequest(operation_id="op-nope").SerializeToString()
     assert status(lambda: raw(channel, "WaitOperation")(ok, timeout=10))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def unary(channel, method: str, request):
+    return lambda: raw(channel, method)(request.SerializeToString(), timeout=30)
+
+
+@pytest.mark.parametrize("method, request_, field", [
+    ("Robustify", rpc.RobustifyRequest(model_id="m-x", dataset_id="tsipras", name="n" * 129), "name"),
+    ("BuildNonRobustDataset", rpc.BuildNonRobustDatasetRequest(mode=1, model_id="m-x", dataset_id="tsipras",
+                                                               name="bad\x00name"), "name"),
+    ("ExportModel", res.ExportModelRequest(model_id="m-x", dataset_id="tsipras", name="\n" * 3), "name"),
+    ("TransferRate", rpc.TransferRateRequest(source_model_ids=[f"m-{i}" for i in range(17)], target_model_ids=["m-1"],
+                                             dataset_id="tsipras"), "source_model_ids"),
+    ("TransferRate", rpc.TransferRateRequest(source_model_ids=["m-1"], target_model_ids=["m-1"] * 10_000,
+                                             dataset_id="tsipras"), "target_model_ids"),
+])
+def test_free_text_and_id_lists_are_bounded_before_anything_is_looked_up(channel, method, request_, field):
+    """The names of generated datasets and exported models are bounded like upload names (and
+    checked before the model id, which here is unknown); id lists have a length limit."""
+    code, details = status(unary(channel, method, request_))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+
+
+@pytest.mark.parametrize("attacks, field", [
+    ([rpc.AttackSweep(attack=results_pb2.AttackSpec(norm=results_pb2.LINF), eps=[0.01])] * 33, "attacks"),
+    ([rpc.AttackSweep(attack=results_pb2.AttackSpec(norm=results_pb2.LINF), eps=[0.001 * k for k in range(1, 66)])], "attacks[0].eps"),
+])
+def test_evaluate_sweeps_and_radii_are_bounded(channel, linear_model, attacks, field):
+    request = rpc.EvaluateRequest(model_id=linear_model.id, dataset_id="tsipras", limit=10, attacks=attacks)
+    code, details = status(unary(channel, "Evaluate", request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ": at most"), details

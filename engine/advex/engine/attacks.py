@@ -94,6 +94,9 @@ def attack(
     forward: maps float32 [N, ...] inputs in the box to logits [N, C].
     y: int64 [N], true labels (untargeted) or target classes (targeted).
     clean_pred: the model's predictions on x when the caller already has them (saves a forward pass).
+    on_step(step, total): called after every step of every run (PGD, FGSM's one step) and after
+    every query round of Square; an exception raised in it stops the attack there (the service
+    raises one when the caller has gone away, so no more than one step runs on for nobody).
     """
     cfg = config.resolved()
     threat = make_threat_model(cfg.norm, cfg.eps, box)

@@ -8,6 +8,8 @@ declaration when the model is loaded.
 """
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,40 @@ from torch import nn
 LAYOUTS = ("NCHW", "NHWC")
 VALUE_RANGES = ("0-1", "0-255")
 
+# onnxruntime's telemetry (the 1DS provider of recent releases on Linux and macOS) uploads events to
+# Microsoft (measured with 1.31.1: a DNS lookup of mobile.events.data.microsoft.com about 10 s
+# after the first session) and keeps a device id and an event cache in
+# ~/.cache/Microsoft/DeveloperTools/.onnxruntime (XDG_CACHE_HOME) and $TMPDIR/.ses.
+# ORT_DISABLE_TELEMETRY=1 turns all of it off, but onnxruntime reads it once, when it is imported;
+# disable_telemetry_events() called after that leaves both the uploads and the files (measured).
+# So it is set when this module loads, before engine code imports onnxruntime, and it passes to
+# the processes the server starts (the upload checks).
+TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+_IMPORTED_WITH_TELEMETRY = "onnxruntime" in sys.modules and os.environ.get(TELEMETRY_ENV) != "1"
+os.environ[TELEMETRY_ENV] = "1"
+
+
+def disable_telemetry() -> bool:
+    """Turn onnxruntime's telemetry off for this process and the processes it starts. False when
+    onnxruntime was imported before ORT_DISABLE_TELEMETRY was set (before this module loaded):
+    its uploads can then no longer be stopped in this process (disable_telemetry_events() is
+    still called)."""
+    os.environ[TELEMETRY_ENV] = "1"
+    ort = sys.modules.get("onnxruntime")
+    if ort is None:
+        return True
+    getattr(ort, "disable_telemetry_events", lambda: None)()
+    return not _IMPORTED_WITH_TELEMETRY
+
+
+def onnxruntime():
+    """The onnxruntime module, imported with its telemetry off (see TELEMETRY_ENV)."""
+    os.environ[TELEMETRY_ENV] = "1"
+    import onnxruntime as ort
+
+    ort.disable_telemetry_events()  # the API's own switch too: it drops the events after this
+    return ort
+
 
 class OnnxNet(nn.Module):
     has_gradients = False
@@ -25,8 +61,7 @@ class OnnxNet(nn.Module):
     def __init__(self, source: str | Path | bytes, input_shape: tuple[int, ...], layout: str = "NCHW",
                  value_range: str = "0-1", device: torch.device | str = "cpu") -> None:
         super().__init__()
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if value_range not in VALUE_RANGES:
@@ -35,6 +70,7 @@ class OnnxNet(nn.Module):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.enable_profiling = False  # a profile would be a JSON file in the working directory
         self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
                                             sess_options=options, providers=providers)
         self.provider = self.session.get_providers()[0]

@@ -115,6 +115,17 @@ class ServerConfig:
     max_restarts: int = _setting(
         100, minimum=0, metavar="N",
         help="most random restarts an attack may ask for (0 = none allowed)")
+    max_attack_cost: int = _setting(
+        1 << 20, minimum=1, metavar="EXAMPLE_STEPS",
+        help="work budget of one Attack call (it runs in the small interactive pool, beside uploads), in "
+             "example-steps: examples x steps x (restarts + 1); Square: examples x queries. Beyond it: "
+             "RESOURCE_EXHAUSTED (use Evaluate for datasets). The default is 1024 examples x 1024 steps")
+    max_operation_cost: int = _setting(
+        10 ** 10, minimum=1, metavar="EXAMPLE_STEPS",
+        help="work budget of one long operation, in example-steps summed over everything it asks: Evaluate "
+             "examples x steps x (restarts + 1) per attack and eps, Train examples x epochs x (adversarial "
+             "steps x (restarts + 1) + 1), Robustify / BuildNonRobustDataset examples x steps, TransferRate "
+             "examples x sources x steps x (restarts + 1). Beyond it: RESOURCE_EXHAUSTED")
     max_dataset_mb: int = _setting(
         2048, minimum=1, metavar="MB",
         help="largest decompressed dataset (.npz) upload, in MiB; checked from the archive's headers before "
@@ -125,6 +136,52 @@ class ServerConfig:
     upload_check_memory_mb: int = _setting(
         4096, minimum=64, metavar="MB",
         help="memory (address space) the check of an uploaded program may add, in MiB")
+    max_concurrent_rpcs: int = _setting(
+        256, minimum=1, metavar="N",
+        help="calls in progress at once, all methods and connections together (streams included); beyond it "
+             "gRPC answers RESOURCE_EXHAUSTED")
+    max_streams_per_connection: int = _setting(
+        100, minimum=1, metavar="N",
+        help="concurrent calls one HTTP/2 connection may open (grpc.max_concurrent_streams); a client's "
+             "further calls wait for a free stream")
+    max_connections: int = _setting(
+        512, minimum=1, metavar="N",
+        help="open client connections (each holds a file descriptor); further ones are closed at once "
+             "(grpc.max_allowed_incoming_connections)")
+    max_concurrent_uploads: int = _setting(
+        8, minimum=1, metavar="N",
+        help="UploadModel + UploadDataset calls in progress at once (each holds an open temporary file); "
+             "beyond it RESOURCE_EXHAUSTED")
+    max_watch_streams: int = _setting(
+        128, minimum=1, metavar="N",
+        help="WatchOperation streams open at once; beyond it RESOURCE_EXHAUSTED (WaitOperation polls instead)")
+    upload_idle_timeout_s: float = _setting(
+        60.0, minimum=0.1, metavar="SECONDS",
+        help="an upload that sends no message for this long is ended with DEADLINE_EXCEEDED and its "
+             "temporary file removed")
+    keepalive_time_s: float = _setting(
+        120.0, minimum=1.0, metavar="SECONDS",
+        help="while a connection has calls in progress, ping the client after this long without traffic, "
+             "so that streams of a vanished client are closed (grpc.keepalive_time_ms)")
+    keepalive_timeout_s: float = _setting(
+        20.0, minimum=1.0, metavar="SECONDS",
+        help="a keepalive ping not answered within this long closes the connection (grpc.keepalive_timeout_ms)")
+    keepalive_min_client_interval_s: float = _setting(
+        60.0, minimum=1.0, metavar="SECONDS",
+        help="shortest interval between a client's keepalive pings the server tolerates; a client pinging more "
+             "often is disconnected (grpc.http2.min_ping_interval_without_data_ms)")
+    max_connection_idle_s: float = _setting(
+        900.0, minimum=0.0, metavar="SECONDS",
+        help="close a connection that has had no call in progress for this long (clients reconnect by "
+             "themselves); 0 = never (grpc.max_connection_idle_ms)")
+    max_connection_age_s: float = _setting(
+        7200.0, minimum=0.0, metavar="SECONDS",
+        help="ask a client to reconnect (GOAWAY) once its connection is this old, +-10%; new calls go to a "
+             "new connection, calls in progress continue; 0 = never (grpc.max_connection_age_ms)")
+    max_connection_age_grace_s: float = _setting(
+        86400.0, minimum=0.0, metavar="SECONDS",
+        help="after max_connection_age_s, calls still in progress on the old connection (a WatchOperation of a "
+             "day-long operation) get this long before the connection is closed (grpc.max_connection_age_grace_ms)")
     token: Optional[str] = _setting(
         None, metavar="TOKEN", shown="none",
         help="when set, every call must send the header 'authorization: Bearer TOKEN'. A flag is visible in "
@@ -149,7 +206,8 @@ class ServerConfig:
              "--tls-cert and --tls-key)")
     shutdown_grace_s: float = _setting(
         10.0, minimum=0.0, metavar="SECONDS",
-        help="on SIGTERM: stop accepting, let running work finish this long, then cancel it and close the store")
+        help="on SIGTERM: stop accepting; dataset builds and training checkpoint and stop at once (they resume at "
+             "the next start); other running work may finish this long, then it is cancelled; the store is closed")
     torch_threads: int = _setting(
         0, minimum=0, metavar="N",
         help="CPU threads torch may use; 0 = torch's default")
@@ -168,6 +226,11 @@ class ServerConfig:
     @property
     def artifacts(self) -> Path:
         return Path(self.data_dir) / "artifacts"
+
+    @property
+    def jobs(self) -> Path:
+        """Checkpoints of unfinished operations, one folder per operation id."""
+        return self.artifacts / "jobs"
 
 
 # ---------------------------------------------------------------------- addresses

@@ -1,17 +1,20 @@
 """Request validation and conversion between protocol messages and engine settings.
-Every error names the offending field (INVALID_ARGUMENT)."""
+Every error names the offending field (INVALID_ARGUMENT); a request over its work budget is
+RESOURCE_EXHAUSTED naming the setting (check_cost)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from advex.engine.attacks import METHODS, AttackConfig
-from advex.engine.builders import PAPER_RELABEL_ATTACK, InversionConfig
+from typing import Sequence, Union
+
+from advex.engine.attacks import GRADIENT_FREE, METHODS, AttackConfig
+from advex.engine.builders import PAPER_RELABEL_ATTACK, BuildConfig, InversionConfig
 from advex.engine.evaluate import AttackSweep
 from advex.engine.train import PRESETS, SCHEDULES, TrainConfig, preset
-from advex.service.config import ServerConfig
-from advex.service.errors import invalid
+from advex.service.config import ServerConfig, env_name, flag_name
+from advex.service.errors import exhausted, invalid
 from advex.v1 import resources_pb2 as res
 from advex.v1 import results_pb2 as results
 from advex.v1 import robustness_pb2 as rpc
@@ -58,10 +61,18 @@ def attack_spec(cfg: AttackConfig) -> results.AttackSpec:
                               targeted=cfg.targeted, seed=cfg.seed)
 
 
+MAX_SWEEPS = 32          # attacks of one Evaluate
+MAX_EPS_PER_SWEEP = 64   # radii of one of them
+
+
 def sweeps(request: rpc.EvaluateRequest, cfg: ServerConfig, dim: int, boxed: bool) -> list[AttackSweep]:
+    if len(request.attacks) > MAX_SWEEPS:
+        raise invalid("attacks", f"at most {MAX_SWEEPS} attacks, got {len(request.attacks)}")
     out = []
     for i, sweep in enumerate(request.attacks):
         field = f"attacks[{i}]"
+        if len(sweep.eps) > MAX_EPS_PER_SWEEP:
+            raise invalid(f"{field}.eps", f"at most {MAX_EPS_PER_SWEEP} radii, got {len(sweep.eps)}")
         if sweep.attack.targeted:
             raise invalid(f"{field}.attack.targeted", "Evaluate measures untargeted robust accuracy")
         base = attack_config(sweep.attack, f"{field}.attack", cfg, dim, boxed, check_radius=not sweep.eps)
@@ -182,3 +193,62 @@ def build_sizes(batch_size: int, shard_size: int) -> tuple[int, int]:
     if not 0 <= shard_size <= 1_000_000:
         raise invalid("shard_size", f"must be in [0, 1000000] (0 = 4096), got {shard_size}")
     return batch_size or 128, shard_size or 4096
+
+
+# ---------------------------------------------------------------------- work budgets
+Work = Union[AttackConfig, InversionConfig, BuildConfig, TrainConfig]
+
+
+def examples_in(dataset: res.Dataset, split: str, limit: int) -> int:
+    """How many examples a dataset request works on: min(limit or the split's size, the split's size)."""
+    size = int(dataset.splits[split])
+    return min(int(limit) or size, size)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _per_example(item: Work) -> tuple[int, str]:
+    """(example-steps per example, how they come about) of one piece of work."""
+    if isinstance(item, AttackConfig):
+        a = item.resolved()
+        if a.method in GRADIENT_FREE:  # Square: `steps` is the query budget, one forward pass each
+            return a.steps, f"{a.method} {a.steps:,} {'query' if a.steps == 1 else 'queries'}"
+        runs = a.restarts + 1
+        return a.steps * runs, f"{a.method} {_plural(a.steps, 'step')}" + (f" × {runs:,} runs" if runs > 1 else "")
+    if isinstance(item, InversionConfig):
+        return item.steps, f"inversion {_plural(item.steps, 'step')}"
+    if isinstance(item, BuildConfig):
+        return _per_example(item.inversion if item.mode in ("d_r", "d_nr") else item.attack)
+    if isinstance(item, TrainConfig):
+        inner, how = _per_example(item.adversarial) if item.adversarial is not None else (0, "")
+        epochs = _plural(item.epochs, "epoch")
+        return item.epochs * (inner + 1), f"{epochs} × ({how} + 1)" if inner else epochs
+    raise TypeError(f"no cost for {type(item).__name__}")
+
+
+def check_cost(cfg: ServerConfig, setting: str, examples: int, work: Sequence[Work], *, sources: int = 1) -> int:
+    """The one measure of a request's work: example-steps (one forward and backward pass of one
+    example, or one query of a black-box attack), summed over every attack, inversion or training
+    run the request asks for and multiplied by its examples (and, for TransferRate, its source
+    models). Over `setting` (max_attack_cost, max_operation_cost): RESOURCE_EXHAUSTED naming it.
+    Returns the cost."""
+    parts = [_per_example(item) for item in work]
+    total = examples * sources * sum(n for n, _ in parts)
+    limit = getattr(cfg, setting)
+    if total <= limit:
+        return total
+    grouped: dict[str, int] = {}
+    for _, how in parts:
+        grouped[how] = grouped.get(how, 0) + 1
+    terms = [how if k == 1 else f"{k} × {how}" for how, k in grouped.items()]
+    if len(terms) > 6:
+        terms = terms[:6] + [f"{len(terms) - 6} more"]
+    what = " + ".join(terms)
+    factors = [_plural(examples, "example")] + ([_plural(sources, "source model")] if sources != 1 else [])
+    factors.append(what if len(terms) == 1 else f"({what})")
+    fewer = ("fewer examples, steps or restarts (Evaluate takes datasets)" if setting == "max_attack_cost"
+             else "fewer examples (limit), attacks, steps, restarts or epochs")
+    raise exhausted(f"cost {total:,} example-steps ({' × '.join(factors)}) exceeds {setting} {limit:,} "
+                    f"({flag_name(setting)}, {env_name(setting)}): ask for {fewer}")

@@ -80,6 +80,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def derived_id(prefix: str, op_id: str) -> str:
+    """The id of what operation `op_id` makes ('op-<hex>' -> '<prefix>-<hex>'): the same after a
+    restart, so that a resumed operation finds (or makes) the same model or dataset, never two."""
+    return f"{prefix}-{op_id.split('-', 1)[1]}"
+
+
 def now() -> Timestamp:
     ts = Timestamp()
     ts.GetCurrentTime()
@@ -443,7 +449,7 @@ class Registry:
 
     # ------------------------------------------------------------------ models
     def register_model(self, spec: res.ModelSpec, file: Path, sha256: str, size: int, *, source: str,
-                       lineage: Optional[dict] = None) -> res.Model:
+                       lineage: Optional[dict] = None, model_id: str = "") -> res.Model:
         """Validate (load and run once), then move ``file`` into place and record it. An empty
         input_shape or a num_classes of 0 is read from the file where it records them. Programs
         (torch_export, TorchScript, ONNX) are checked for code they would run before anything
@@ -474,9 +480,9 @@ class Registry:
         spec.input_shape[:] = shape
         spec.num_classes = num_classes or found
         validate_model_spec(spec)  # what the check filled in, bounded again here
-        model_id = new_id("m")
+        model_id = model_id or new_id("m")
         folder = self.models_dir / model_id
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         dest = folder / ("model" + FORMAT_EXT[spec.format])
         shutil.move(str(file), dest)
         if not spec.name:
@@ -508,17 +514,25 @@ class Registry:
         cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
         return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
 
-    def register_bytes(self, spec: res.ModelSpec, data: bytes, *, source: str, lineage: dict) -> res.Model:
+    def register_bytes(self, spec: res.ModelSpec, data: bytes, *, source: str, lineage: dict,
+                       model_id: str = "") -> res.Model:
         path = self.tmp_dir / f"model-{uuid.uuid4().hex}"
         path.write_bytes(data)
         try:
             return self.register_model(spec, path, hashlib.sha256(data).hexdigest(), len(data), source=source,
-                                       lineage=lineage)
+                                       lineage=lineage, model_id=model_id)
         finally:
             path.unlink(missing_ok=True)
 
-    def save_trained(self, net: torch.nn.Module, spec: res.ModelSpec, source: str, lineage: dict) -> res.Model:
-        return self.register_bytes(spec, safetensors_bytes(net), source=source, lineage=lineage)
+    def save_trained(self, net: torch.nn.Module, spec: res.ModelSpec, source: str, lineage: dict,
+                     model_id: str = "") -> res.Model:
+        """Record a trained network; with model_id (a resumed operation's), the model already
+        recorded under that id is returned instead of a second one."""
+        if model_id:
+            found = self.store.get_resource("models", model_id, res.Model)
+            if found is not None:
+                return found[0]
+        return self.register_bytes(spec, safetensors_bytes(net), source=source, lineage=lineage, model_id=model_id)
 
     def get_model(self, model_id: str, field: str = "model_id") -> res.Model:
         if not model_id:
@@ -539,8 +553,12 @@ class Registry:
         with self._lock:
             return record, self._models.get_or(model_id, make)
 
-    def list_models(self) -> list[res.Model]:
-        return list(self.store.list_resources("models", res.Model))
+    def list_models(self, page_size: int = 100, page_token: str = "") -> tuple[list[res.Model], str]:
+        """One page of models, oldest first, and the next page's token ("" after the last page);
+        see paging. page_size: already checked (paging.page_size)."""
+        from advex.service import paging
+
+        return paging.list_page(self.store, "models", res.Model, page_size, page_token)
 
     def delete_model(self, model_id: str) -> None:
         model_id = self.get_model(model_id).id  # the stored id (server-made) names the folder
@@ -611,11 +629,15 @@ class Registry:
                              create_time=now(), class_names=list(header.class_names))
         return self.record_dataset(record, dest)
 
-    def new_dataset_folder(self) -> tuple[str, Path]:
-        dataset_id = new_id("ds")
+    def new_dataset_folder(self, dataset_id: str = "") -> tuple[str, Path]:
+        dataset_id = dataset_id or new_id("ds")
         folder = self.datasets_dir / dataset_id
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         return dataset_id, folder
+
+    def recorded_dataset(self, dataset_id: str) -> Optional[res.Dataset]:
+        found = self.store.get_resource("datasets", dataset_id, res.Dataset)
+        return found[0] if found else None
 
     def record_dataset(self, record: res.Dataset, path: Path) -> res.Dataset:
         if not record.name:
@@ -673,8 +695,13 @@ class Registry:
         except DataError as exc:
             raise precondition(f"dataset {quote(dataset_id)} cannot be read: {exc}") from exc
 
-    def list_datasets(self) -> list[res.Dataset]:
-        return list(self.builtins.values()) + list(self.store.list_resources("datasets", res.Dataset))
+    def list_datasets(self, page_size: int = 100, page_token: str = "") -> tuple[list[res.Dataset], str]:
+        """One page of datasets, the built-ins first (by id), then the stored ones oldest first, and
+        the next page's token ("" after the last page); see paging."""
+        from advex.service import paging
+
+        first = [(paging.Position(0.0, d.id), d) for d in sorted(self.builtins.values(), key=lambda d: d.id)]
+        return paging.list_page(self.store, "datasets", res.Dataset, page_size, page_token, first=first)
 
     def delete_dataset(self, dataset_id: str) -> None:
         record = self.get_dataset(dataset_id)
@@ -686,3 +713,28 @@ class Registry:
             for key in [k for k in self._datasets if k[0] == dataset_id]:
                 self._datasets.pop(key)
         shutil.rmtree(self.datasets_dir / dataset_id, ignore_errors=True)
+
+    # ------------------------------------------------------------------ crash recovery
+    def reclaim(self, jobs_dir: Path, unfinished_ops: set[str], scratch: tuple[Path, ...] = ()) -> tuple[int, int]:
+        """At start: remove what a crash left behind: model and dataset folders that no record
+        names (half-moved uploads, half-written builds), job folders of operations that are
+        not unfinished, and whatever is in the `scratch` folders (temporary files). What an
+        unfinished (resumable) operation makes is kept. Returns (entries removed, bytes freed)."""
+        keep = {"models": {derived_id("m", op) for op in unfinished_ops},
+                "datasets": {derived_id("ds", op) for op in unfinished_ops}}
+        recorded = {"models": {m.id for m in self.store.list_resources("models", res.Model)},
+                    "datasets": {d.id for d in self.store.list_resources("datasets", res.Dataset)}}
+        orphans = [p for table, folder in (("models", self.models_dir), ("datasets", self.datasets_dir))
+                   for p in folder.iterdir() if p.name not in recorded[table] and p.name not in keep[table]]
+        if jobs_dir.exists():
+            orphans += [p for p in jobs_dir.iterdir() if p.name not in unfinished_ops]
+        orphans += [p for folder in scratch if folder.is_dir() for p in folder.iterdir()]
+        removed = freed = 0
+        for path in orphans:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed, freed = removed + 1, freed + size
+        return removed, freed

@@ -3,6 +3,7 @@ and translate results. Every handler goes through ``_guard``: auth, metrics, and
 mapping of errors to precise gRPC statuses (a handler never kills the server)."""
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import hashlib
@@ -10,8 +11,9 @@ import hmac
 import json
 import logging
 import math
-import shutil
+import os
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
@@ -26,15 +28,15 @@ from advex.engine.builders import BuildConfig, build, summarize
 from advex.engine.evaluate import EvalReport, evaluate, gradient_masking_notes
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.onnx_model import export_onnx
-from advex.engine.train import train
+from advex.engine.train import TrainState, load_state, save_state, train
 from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
 from advex.service import convert
-from advex.service.artifacts import CHUNK, NpzShardWriter, npz_bytes
+from advex.service.artifacts import CHUNK, BuildCheckpoint, NpzShardWriter, file_sha256, npz_bytes
 from advex.service.config import ServerConfig
-from advex.service.errors import ServiceError, invalid, precondition
+from advex.service.errors import ServiceError, exhausted, invalid, precondition
 from advex.service.metrics import Metrics
-from advex.service.operations import OperationManager, OpContext
-from advex.service.registry import Registry, UploadSink, validate_model_spec
+from advex.service.operations import Cancelled, OperationManager, OpContext, Work
+from advex.service.registry import Registry, UploadSink, check_text, derived_id, validate_model_spec
 from advex.v1 import operation_pb2 as op_pb
 from advex.v1 import resources_pb2 as res
 from advex.v1 import results_pb2 as results
@@ -48,6 +50,7 @@ log = logging.getLogger("advex.service")
 SERVICE = rpc.DESCRIPTOR.services_by_name["Robustness"]
 REQUEST_TYPES = {m.name: message_factory.GetMessageClass(m.input_type) for m in SERVICE.methods}
 MAX_STATUS_BYTES = 1024  # status messages travel in HTTP/2 trailers: keep them well under the 8 KiB limit
+MAX_TRANSFER_MODELS = 16  # sources, and targets, of one TransferRate
 
 
 def _clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
@@ -195,6 +198,14 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         self.ops = ops
         self.metrics = metrics
         self.device = device
+        self._uploads = 0  # calls in progress, on the event loop's thread only
+        self._watches = 0
+
+    def resumers(self) -> dict:
+        """The kinds of operation that resume after a restart: kind -> (request type, planner)."""
+        return {"train": (rpc.TrainRequest, self._plan_train),
+                "robustify": (rpc.RobustifyRequest, self._plan_robustify),
+                "build_nonrobust": (rpc.BuildNonRobustDatasetRequest, self._plan_build_nonrobust)}
 
     def _authorize(self, context) -> None:
         problem = token_problem(context.invocation_metadata(), self.cfg.token)
@@ -205,18 +216,19 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     @_guard()
     async def Attack(self, request: rpc.AttackRequest, context) -> rpc.AttackResponse:
         model = self.registry.get_model(request.model_id)
-        x, y = convert.inline_batch(request, model, self.cfg)
+        x, y = await asyncio.to_thread(convert.inline_batch, request, model, self.cfg)  # up to 64 MiB: off the loop
         boxed = request.domain == res.IMAGE
         cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(x.shape[1:])), boxed)
         _require_gradients(model, cfg.method, "attack.method")
+        convert.check_cost(self.cfg, "max_attack_cost", len(x), [cfg])
 
-        def work():
+        def work(on_step):  # on_step raises once the call is cancelled or past its deadline
             _, wrapper = self.registry.load_model(model.id)
             xt = torch.tensor(x, device=self.device)  # copies the read-only wire buffer
             yt = torch.tensor(y, device=self.device)
-            return attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None)
+            return attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None, on_step=on_step)
 
-        out = await self.ops.run_interactive(work)
+        out = await self.ops.run_interactive(work, cancellable=True)
         self.metrics.images.labels("attack").inc(len(x))
         return rpc.AttackResponse(
             x_adv=to_tensor(out.x_adv.detach().cpu().numpy()), clean_pred=to_tensor(out.clean_pred.cpu().numpy()),
@@ -245,6 +257,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                             "surrogate_model_id to craft it on a torch model (transfer)") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
             sweeps = [sw for sw in sweeps if sw.config.method in GRADIENT_FREE]
         batch_size = request.batch_size or 256
+        convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit),
+                           [c for sw in sweeps for c in sw.configs()])
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
@@ -299,6 +313,11 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     # ------------------------------------------------------------------ Train
     @_guard()
     async def Train(self, request: rpc.TrainRequest, context) -> op_pb.Operation:
+        return self.ops.submit("train", request, *await self._plan_train(request), resumable=True)
+
+    async def _plan_train(self, request: rpc.TrainRequest) -> tuple[Work, frozenset]:
+        """A checked Train request's work (checkpointed every epoch, and at shutdown after the
+        current batch) and the resources it holds: for the RPC, and again to resume it after a restart."""
         arch = request.architecture
         if arch not in zoo.ARCHITECTURES:
             raise invalid("architecture", f"unknown architecture {arch!r}; expected one of {sorted(zoo.ARCHITECTURES)}")
@@ -314,8 +333,14 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                              num_classes=dataset.num_classes, input_shape=dataset.example_shape,
                              mean=request.mean, std=request.std, arch_args=request.arch_args)
         validate_model_spec(spec, "TrainRequest")  # bounds arch_args before anything is built
-        try:  # fail fast on an architecture that cannot take these inputs
-            zoo.build(arch, tuple(dataset.example_shape), dataset.num_classes, dict(request.arch_args))
+        convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit), [tc])
+
+        def fail_fast() -> None:  # on the meta device: the same checks, no memory, no initialisation
+            with torch.device("meta"):  # (thread-local: other threads' tensors are untouched)
+                zoo.build(arch, tuple(dataset.example_shape), dataset.num_classes, dict(request.arch_args))
+
+        try:  # fail fast on an architecture that cannot take these inputs, off the event loop
+            await asyncio.to_thread(fail_fast)  # (the first resnet also imports torchvision: ~1 s)
         except ValueError as exc:
             raise invalid("architecture", str(exc)) from exc
         except RuntimeError as exc:  # torch refusing the sizes (e.g. memory for these inputs)
@@ -334,11 +359,28 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             def on_batch(done: int, total: int) -> None:
                 ctx.progress(done, total, "batches", f"epoch {min((done - 1) // per_epoch + 1, tc.epochs)}/{tc.epochs}")
 
-            history = train(wrapper, data, tc, self.device, on_batch=on_batch)
+            checkpoint = ctx.job_dir / "train.safetensors"
+            resume = None
+            if checkpoint.exists():
+                try:
+                    resume = load_state(checkpoint)
+                    log.info("operation %s: resuming training at epoch %d, example %d of it", ctx.operation_id,
+                             resume.epoch + 1, resume.position)
+                    ctx.resumed_from(resume.batches)
+                except ValueError:
+                    log.warning("operation %s: unusable checkpoint, training from the start", ctx.operation_id)
+
+            def on_interrupt(state: TrainState) -> None:
+                if ctx.suspending:  # a shutdown, not a cancellation: keep what this epoch did
+                    save_state(state, checkpoint)
+
+            history = train(wrapper, data, tc, self.device, on_batch=on_batch, resume=resume,
+                            on_checkpoint=lambda state: save_state(state, checkpoint), on_interrupt=on_interrupt)
             self.metrics.images.labels("train").inc(len(data) * tc.epochs)
             lineage = {"dataset_id": dataset.id, "split": split, "limit": int(request.limit),
                        "train_config": _jsonable(tc.to_dict()), "operation_id": ctx.operation_id}
-            record = self.registry.save_trained(wrapper.net, spec, f"train:{ctx.operation_id}", lineage)
+            record = self.registry.save_trained(wrapper.net, spec, f"train:{ctx.operation_id}", lineage,
+                                                model_id=derived_id("m", ctx.operation_id))
             result = results.TrainResult(model_id=record.id, model_sha256=record.sha256,
                                          wall_seconds=time.perf_counter() - t0, device=str(self.device))
             for h in history:
@@ -346,11 +388,14 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                                    train_robust_accuracy=h.train_robust_accuracy, lr=h.lr, wall_seconds=h.wall_seconds)
             return "train", result
 
-        return self.ops.submit("train", request, work, frozenset({("dataset", dataset.id)}))
+        return work, frozenset({("dataset", dataset.id)})
 
     # ------------------------------------------------------------------ the paper's datasets
     @_guard()
     async def Robustify(self, request: rpc.RobustifyRequest, context) -> op_pb.Operation:
+        return self.ops.submit("robustify", request, *await self._plan_robustify(request), resumable=True)
+
+    async def _plan_robustify(self, request: rpc.RobustifyRequest) -> tuple[Work, frozenset]:
         model, dataset, split = self._build_inputs(request)
         if not model.has_features:
             raise precondition(f"model {model.id!r} exposes no penultimate layer (features), which "
@@ -358,10 +403,14 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         inversion = convert.inversion_config(request.inversion, "inversion", self.cfg, dataset.domain == res.IMAGE)
         batch, shard = convert.build_sizes(request.batch_size, request.shard_size)
         cfg = BuildConfig("d_r", inversion=inversion, seed=int(request.seed), batch_size=batch, shard_size=shard)
-        return self._submit_build("robustify", request, cfg, model, dataset, split)
+        convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit), [cfg])
+        return self._build_work("robustify", request, cfg, model, dataset, split)
 
     @_guard()
     async def BuildNonRobustDataset(self, request: rpc.BuildNonRobustDatasetRequest, context) -> op_pb.Operation:
+        return self.ops.submit("build_nonrobust", request, *await self._plan_build_nonrobust(request), resumable=True)
+
+    async def _plan_build_nonrobust(self, request: rpc.BuildNonRobustDatasetRequest) -> tuple[Work, frozenset]:
         modes = {rpc.BuildNonRobustDatasetRequest.D_NR: "d_nr", rpc.BuildNonRobustDatasetRequest.D_RAND: "d_rand",
                  rpc.BuildNonRobustDatasetRequest.D_DET: "d_det"}
         if request.mode not in modes:
@@ -379,7 +428,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             attack_cfg = convert.relabel_attack(request.attack, "attack", self.cfg,
                                                 int(np.prod(dataset.example_shape)), boxed)
             cfg = BuildConfig(mode, attack=attack_cfg, seed=int(request.seed), batch_size=batch, shard_size=shard)
-        return self._submit_build("build_nonrobust", request, cfg, model, dataset, split)
+        convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit), [cfg])
+        return self._build_work("build_nonrobust", request, cfg, model, dataset, split)
 
     def _model_and_dataset(self, request, default_split: str) -> tuple[res.Model, res.Dataset, str]:
         """request.model_id / dataset_id / split / limit, resolved and checked against each other."""
@@ -392,6 +442,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         return model, dataset, split
 
     def _build_inputs(self, request) -> tuple[res.Model, res.Dataset, str]:
+        check_text(request.name, "name")
         model, dataset, split = self._model_and_dataset(request, "train")
         _require_gradients(model, "pgd", "model_id")
         n = min(request.limit or dataset.splits[split], dataset.splits[split])
@@ -399,55 +450,92 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             raise invalid("limit", "a dataset build needs at least 2 examples")
         return model, dataset, split
 
-    def _submit_build(self, kind: str, request, cfg: BuildConfig, model: res.Model, dataset: res.Dataset,
-                      split: str) -> op_pb.Operation:
-        """Build shard by shard into a new generated dataset; on failure or cancellation nothing is left."""
+    def _build_work(self, kind: str, request, cfg: BuildConfig, model: res.Model, dataset: res.Dataset,
+                    split: str) -> tuple[Work, frozenset]:
+        """Build batch by batch into the operation's job folder, checkpointing every shard (and
+        at shutdown), then record the new generated dataset. Run again under the same operation
+        id (a restart), it goes on from its last checkpoint and makes the same file, bit for bit;
+        on failure or cancellation nothing is left."""
         stage = {"d_r": "D_R", "d_nr": "D_NR", "d_rand": "D_rand", "d_det": "D_det"}[cfg.mode]
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
-            _, wrapper = self.registry.load_model(model.id)
             data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
-            dataset_id, folder = self.registry.new_dataset_folder()
-            try:
-                writer = NpzShardWriter(folder / "building", len(data), data.example_shape)
-                stats: dict[str, list] = {}
-                shards = build(wrapper, data, cfg, self.device,
-                               on_batch=lambda done, total: ctx.progress(done, total, "images", stage),
-                               on_step=lambda step, steps: ctx.check_cancelled())
-                for piece in shards:
-                    writer.write(piece.start, piece.x.numpy(), piece.y.numpy())
-                    for k, v in piece.stats.items():
-                        stats.setdefault(k, []).append(v)
-                dest = folder / f"{split}.npz"
-                sha, size = writer.finish(dest)
-                diag = summarize(cfg.mode, {k: torch.cat(v) for k, v in stats.items()})
+            dataset_id = derived_id("ds", ctx.operation_id)
+            job = ctx.job_dir
+            packed = job / "data.npz"
+            checkpoint = BuildCheckpoint(job)
+            done, saved = checkpoint.load(len(data))
+            stats = {k: [torch.from_numpy(v)] for k, v in saved.items()}
+            record = self.registry.recorded_dataset(dataset_id)  # the previous run got that far
+            if record is None:
+                dest = self.registry.datasets_dir / dataset_id / "data.npz"
+                if not dest.exists():
+                    if not packed.exists():
+                        self._build_into(ctx, wrapper_of=model.id, data=data, cfg=cfg, stage=stage, done=done,
+                                         stats=stats, checkpoint=checkpoint, packed=packed)
+                    self.registry.new_dataset_folder(dataset_id)
+                    os.replace(packed, dest)
                 lineage = {"source_dataset_id": dataset.id, "split": split, "limit": int(request.limit),
                            "model_id": model.id, "model_sha256": model.sha256, "mode": cfg.mode,
                            "params": _jsonable(cfg.to_dict()), "seed": cfg.seed, "operation_id": ctx.operation_id}
                 name = request.name or f"{stage} of {dataset.id} via {model.id}"
                 record = res.Dataset(id=dataset_id, name=name, kind="generated", splits={split: len(data)},
                                      example_shape=list(dataset.example_shape), num_classes=dataset.num_classes,
-                                     domain=dataset.domain, dtype="float32", sha256=sha, size_bytes=size,
-                                     class_names=list(dataset.class_names),
+                                     domain=dataset.domain, dtype="float32", sha256=file_sha256(dest),
+                                     size_bytes=dest.stat().st_size, class_names=list(dataset.class_names),
                                      lineage_json=json.dumps(lineage, sort_keys=True))
                 self.registry.record_dataset(record, dest)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
+            diag = summarize(cfg.mode, {k: torch.cat(v) for k, v in stats.items()})
             self.metrics.images.labels(kind).inc(len(data))
             result = results.DatasetBuildResult(dataset_id=dataset_id, mode=stage, num_examples=len(data),
                                                 wall_seconds=time.perf_counter() - t0, device=str(self.device),
                                                 **diag)
             return "dataset_build", result
 
-        return self.ops.submit(kind, request, work, frozenset({("model", model.id), ("dataset", dataset.id)}))
+        return work, frozenset({("model", model.id), ("dataset", dataset.id)})
+
+    def _build_into(self, ctx: OpContext, *, wrapper_of: str, data, cfg: BuildConfig, stage: str, done: int,
+                    stats: dict[str, list], checkpoint: BuildCheckpoint, packed: Path) -> None:
+        """Examples done..n of a build into memory-mapped files in the job folder, a checkpoint
+        every shard_size examples (and when a shutdown stops it), then packed into `packed`."""
+        _, wrapper = self.registry.load_model(wrapper_of)
+        writer = NpzShardWriter(ctx.job_dir / "building", len(data), data.example_shape, resume=done > 0)
+        saved = done
+        if done:
+            log.info("operation %s: resuming the %s build at example %d of %d", ctx.operation_id, stage, done, len(data))
+            ctx.resumed_from(done)
+
+        def save(upto: int) -> None:
+            writer.flush()
+            checkpoint.save(upto, {k: torch.cat(v).numpy() for k, v in stats.items()})
+
+        try:
+            for piece in build(wrapper, data, cfg, self.device, start=done,
+                               on_batch=lambda d, total: ctx.progress(d, total, "images", stage),
+                               on_step=lambda step, steps: ctx.check_cancelled()):
+                writer.write(piece.start, piece.x.numpy(), piece.y.numpy())
+                for k, v in piece.stats.items():
+                    stats.setdefault(k, []).append(v)
+                done = piece.start + len(piece.x)
+                if done - saved >= cfg.shard_examples:
+                    save(done)
+                    saved = done
+        except Cancelled:
+            if ctx.suspending and done > saved:
+                save(done)
+            raise
+        save(done)  # the stats of every example, for the result should the packing be interrupted
+        writer.finish(packed)
 
     # ------------------------------------------------------------------ TransferRate
     @_guard()
     async def TransferRate(self, request: rpc.TransferRateRequest, context) -> op_pb.Operation:
         if not request.source_model_ids:
             raise invalid("source_model_ids", "at least one source model is required")
+        for field in ("source_model_ids", "target_model_ids"):
+            if len(getattr(request, field)) > MAX_TRANSFER_MODELS:
+                raise invalid(field, f"at most {MAX_TRANSFER_MODELS} models, got {len(getattr(request, field))}")
         if not request.target_model_ids:
             raise invalid("target_model_ids", "at least one target model is required")
         dataset = self.registry.get_dataset(request.dataset_id)
@@ -473,6 +561,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         for k, model_id in enumerate(request.source_model_ids):
             _require_gradients(models[model_id], cfg.method, f"source_model_ids[{k}]")
         sources, targets = list(request.source_model_ids), list(request.target_model_ids)
+        convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit), [cfg],
+                           sources=len(sources))
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
@@ -505,9 +595,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     @_guard()
     async def ListOperations(self, request, context):
-        if request.page_size < 0 or request.page_size > 1000:
-            raise invalid("page_size", "must be in [0, 1000]")
-        return op_pb.ListOperationsResponse(operations=self.ops.list(request.kind, request.page_size or 100))
+        from advex.service import paging
+
+        ops, token = self.ops.list(request.kind, paging.page_size(request.page_size), request.page_token)
+        return op_pb.ListOperationsResponse(operations=ops, next_page_token=token)
 
     @_guard()
     async def CancelOperation(self, request, context):
@@ -521,18 +612,45 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     @_guard(streaming=True)
     async def WatchOperation(self, request, context) -> AsyncIterator[op_pb.Operation]:
-        async for op in self.ops.watch(request.operation_id):
-            yield op
+        limit = self.cfg.max_watch_streams
+        if self._watches >= limit:
+            raise exhausted(f"{self._watches} WatchOperation streams are open, the limit (max_watch_streams) is "
+                            f"{limit}; retry later, or poll with WaitOperation")
+        self._watches += 1
+        try:
+            async for op in self.ops.watch(request.operation_id):
+                yield op
+        finally:  # also when the client goes away (the stream is cancelled)
+            self._watches -= 1
 
     # ------------------------------------------------------------------ models
     async def _receive_upload(self, request_iterator, head_field: str, register):
         """Client-streaming upload: the first message carries `head_field` (spec / header), the
         rest are chunks into a temporary file; `register(head, path, sha256, size)` validates and
-        stores it in the interactive pool. The temporary file is gone afterwards, whatever happens."""
+        stores it in the interactive pool. The temporary file is gone afterwards, whatever happens.
+        At most max_concurrent_uploads at once; one that sends nothing for upload_idle_timeout_s ends."""
+        limit, idle = self.cfg.max_concurrent_uploads, self.cfg.upload_idle_timeout_s
+        if self._uploads >= limit:
+            raise exhausted(f"{self._uploads} uploads are in progress, the limit (max_concurrent_uploads) is "
+                            f"{limit}; retry later")
+        self._uploads += 1
         head = None
-        sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
         try:
-            async for part in request_iterator:
+            sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
+        except BaseException:
+            self._uploads -= 1
+            raise
+        parts = request_iterator.__aiter__()
+        try:
+            while True:
+                try:
+                    part = await asyncio.wait_for(parts.__anext__(), idle)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"upload_idle_timeout_s: no message for {idle:g} s, so the upload was ended "
+                                       "and nothing of it kept; send the chunks without pausing") from None
                 if part.HasField(head_field):
                     if head is not None:
                         raise invalid(head_field, "sent twice; send it once, first")
@@ -547,6 +665,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             return await self.ops.run_interactive(lambda: register(head, sink.path, sha, sink.size))
         finally:
             sink.discard()
+            self._uploads -= 1
 
     @_guard()
     async def UploadModel(self, request_iterator, context) -> res.Model:
@@ -559,6 +678,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     @_guard()
     async def ExportModel(self, request: res.ExportModelRequest, context) -> op_pb.Operation:
+        check_text(request.name, "name")
         model, dataset, split = self._model_and_dataset(request, "test")
         if not model.has_gradients:
             raise precondition(f"model {model.id!r} is already an ONNX graph")
@@ -599,7 +719,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     @_guard()
     async def ListModels(self, request, context):
-        return res.ListModelsResponse(models=self.registry.list_models())
+        from advex.service import paging
+
+        models, token = self.registry.list_models(paging.page_size(request.page_size), request.page_token)
+        return res.ListModelsResponse(models=models, next_page_token=token)
 
     @_guard()
     async def DeleteModel(self, request, context):
@@ -619,7 +742,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
 
     @_guard()
     async def ListDatasets(self, request, context):
-        return res.ListDatasetsResponse(datasets=self.registry.list_datasets())
+        from advex.service import paging
+
+        datasets, token = self.registry.list_datasets(paging.page_size(request.page_size), request.page_token)
+        return res.ListDatasetsResponse(datasets=datasets, next_page_token=token)
 
     @_guard(streaming=True)
     async def DownloadDataset(self, request, context) -> AsyncIterator[rpc.DownloadDatasetResponse]:
