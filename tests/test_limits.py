@@ -446,3 +446,18 @@ def test_health_answers_within_100_ms_while_the_heaviest_requests_are_accepted(s
         if worst < 0.1:
             break
     assert worst < 0.1, f"a health check took {worst * 1000:.0f} ms during: {during}"
+
+
+def test_a_long_wait_operation_is_answered_after_the_servers_longest_wait(tmp_path, monkeypatch):
+    """A WaitOperation holds a call slot (max_concurrent_rpcs): a client asking for a day gets the
+    current state after MAX_WAIT_S (here shortened) instead."""
+    from advex.service import servicer
+
+    monkeypatch.setattr(servicer, "MAX_WAIT_S", 0.5)
+    with InProcessServer(data_dir=str(tmp_path), data_roots=[]) as srv, Client(srv.target) as c:
+        op = c.train("mlp", "tsipras", epochs=200, batch_size=10, schedule="constant")
+        t0 = time.monotonic()
+        now = c.stub.WaitOperation(op_pb.WaitOperationRequest(operation_id=op.id, timeout_seconds=86400),
+                                   timeout=30)
+        assert not now.done and time.monotonic() - t0 < 10
+        c.cancel_operation(op.id)

@@ -51,6 +51,7 @@ SERVICE = rpc.DESCRIPTOR.services_by_name["Robustness"]
 REQUEST_TYPES = {m.name: message_factory.GetMessageClass(m.input_type) for m in SERVICE.methods}
 MAX_STATUS_BYTES = 1024  # status messages travel in HTTP/2 trailers: keep them well under the 8 KiB limit
 MAX_TRANSFER_MODELS = 16  # sources, and targets, of one TransferRate
+MAX_WAIT_S = 60.0  # longest WaitOperation; the SDK waits in rounds of 30 s
 
 
 def _clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
@@ -608,7 +609,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     async def WaitOperation(self, request, context):
         if not (math.isfinite(request.timeout_seconds) and request.timeout_seconds >= 0):
             raise invalid("timeout_seconds", "must be finite and >= 0")
-        return await self.ops.wait(request.operation_id, request.timeout_seconds)
+        # a long poll holds one of max_concurrent_rpcs: at most MAX_WAIT_S, then the current state
+        return await self.ops.wait(request.operation_id, min(request.timeout_seconds, MAX_WAIT_S))
 
     @_guard(streaming=True)
     async def WatchOperation(self, request, context) -> AsyncIterator[op_pb.Operation]:
