@@ -11,7 +11,7 @@ from typing import Optional
 import grpc
 import numpy as np
 
-from advex.client.render import fmt_rate, rate, table
+from advex.client.render import fmt_ci, fmt_rate, rate, table
 from advex.client.sdk import Client, Operation, OperationError, to_dict
 from advex.v1 import resources_pb2 as res
 
@@ -177,11 +177,12 @@ def cmd_evaluate(args) -> int:
     if args.json:
         _print_json(result)
         return 0
-    rows = [["clean", "-", f"{result.clean_accuracy:.2%}"]]
+    rows = [["clean", "-", f"{result.clean_accuracy:.2%}", fmt_ci(result, "clean_accuracy_ci")]]
     for r in result.robust:
         norm = "L2" if r.attack.norm == 2 else "Linf"
-        rows.append([f"{r.attack.method} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}"])
-    print(table(["attack", "eps", "accuracy"], rows))
+        rows.append([f"{r.attack.method} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}",
+                     fmt_ci(r, "robust_accuracy_ci")])
+    print(table(["attack", "eps", "accuracy", "95% CI"], rows))
     return 0
 
 
@@ -221,10 +222,11 @@ def cmd_transfer(args) -> int:
     result, code = _wait_result(op, args.wait)
     if result is None:
         return code
-    print(table(["source", "target", "white-box", "transfer rate", "unconditional", "successes", "transferred"],
+    print(table(["source", "target", "white-box", "transfer rate", "95% CI", "unconditional", "successes",
+                 "transferred"],
                 [[p.source_model_id, p.target_model_id,
                   fmt_rate(rate(p.successful_on_source, p.examples if args.targeted else p.correct_on_source)),
-                  fmt_rate(rate(p.transferred, p.successful_on_source)),
+                  fmt_rate(rate(p.transferred, p.successful_on_source)), fmt_ci(p, "transfer_rate_ci"),
                   fmt_rate(rate(p.fooled_target, p.examples if args.targeted else p.correct_on_target)),
                   p.successful_on_source, p.transferred] for p in result.pairs]))
     print(f"\n{result.definition}")

@@ -33,6 +33,15 @@ def fmt_rate(value: Optional[float], spec: str = ".1%") -> str:
     return format(float(value), spec)
 
 
+def fmt_ci(message, field: str, digits: int = 1) -> str:
+    """The 95% interval in message.<field> (an advex.v1.Interval) as "80.9-85.4%"; "n/a" when the
+    server left it unset (a rate over nothing)."""
+    if not message.HasField(field):
+        return "n/a"
+    ci = getattr(message, field)
+    return f"{100 * ci.lower:.{digits}f}-{100 * ci.upper:.{digits}f}%"
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e-3 and v else f"{v:.3f}" if v < 10 else f"{v:.1f}"

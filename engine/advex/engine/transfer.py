@@ -45,19 +45,28 @@ class PairCounts:
     fooled_target: int = 0          # numerator of the unconditional rate
     targeted: bool = False
 
+    def fractions(self) -> dict[str, tuple[int, int]]:
+        """Each rate as (numerator, denominator): the rates below, and their intervals."""
+        return {"white_box_success_rate": (self.successful_on_source,
+                                           self.examples if self.targeted else self.correct_on_source),
+                "transfer_rate": (self.transferred, self.successful_on_source),
+                "unconditional_rate": (self.fooled_target, self.examples if self.targeted else self.correct_on_target)}
+
+    def _rate(self, name: str) -> float:
+        k, n = self.fractions()[name]
+        return k / n if n else 0.0
+
     @property
     def white_box_success_rate(self) -> float:
-        denominator = self.examples if self.targeted else self.correct_on_source
-        return self.successful_on_source / denominator if denominator else 0.0
+        return self._rate("white_box_success_rate")
 
     @property
     def transfer_rate(self) -> float:
-        return self.transferred / self.successful_on_source if self.successful_on_source else 0.0
+        return self._rate("transfer_rate")
 
     @property
     def unconditional_rate(self) -> float:
-        denominator = self.examples if self.targeted else self.correct_on_target
-        return self.fooled_target / denominator if denominator else 0.0
+        return self._rate("unconditional_rate")
 
 
 def transfer_rates(sources: Sequence[ModelWrapper], targets: Sequence[ModelWrapper], data: ArrayDataset,

@@ -39,8 +39,16 @@ class AttackSpec(_message.Message):
     seed: int
     def __init__(self, method: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., step_size: _Optional[float] = ..., steps: _Optional[int] = ..., random_start: _Optional[bool] = ..., restarts: _Optional[int] = ..., targeted: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
+class Interval(_message.Message):
+    __slots__ = ("lower", "upper")
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    lower: float
+    upper: float
+    def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
+
 class RobustAccuracy(_message.Message):
-    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries", "crafted_on_model_id")
+    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries", "crafted_on_model_id", "robust_accuracy_ci")
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +58,7 @@ class RobustAccuracy(_message.Message):
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEAN_QUERIES_FIELD_NUMBER: _ClassVar[int]
     CRAFTED_ON_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
     attack: AttackSpec
     robust_accuracy: float
     robust_correct: int
@@ -59,7 +68,8 @@ class RobustAccuracy(_message.Message):
     wall_seconds: float
     mean_queries: float
     crafted_on_model_id: str
-    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ..., crafted_on_model_id: _Optional[str] = ...) -> None: ...
+    robust_accuracy_ci: Interval
+    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ..., crafted_on_model_id: _Optional[str] = ..., robust_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class SkippedAttack(_message.Message):
     __slots__ = ("attack", "reason")
@@ -70,21 +80,23 @@ class SkippedAttack(_message.Message):
     def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorstCase(_message.Message):
-    __slots__ = ("norm", "eps", "robust_accuracy", "robust_correct", "per_example")
+    __slots__ = ("norm", "eps", "robust_accuracy", "robust_correct", "per_example", "robust_accuracy_ci")
     NORM_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
     PER_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
     norm: Norm
     eps: float
     robust_accuracy: float
     robust_correct: int
     per_example: _tensor_pb2.Tensor
-    def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    robust_accuracy_ci: Interval
+    def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., robust_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class EvaluateResult(_message.Message):
-    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped")
+    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped", "clean_accuracy_ci")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +113,7 @@ class EvaluateResult(_message.Message):
     GRADIENT_MASKING_SUSPECTED_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_sha256: str
     dataset_id: str
@@ -117,7 +130,8 @@ class EvaluateResult(_message.Message):
     gradient_masking_suspected: bool
     notes: _containers.RepeatedScalarFieldContainer[str]
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedAttack]
-    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ...) -> None: ...
+    clean_accuracy_ci: Interval
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ..., clean_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class EpochStats(_message.Message):
     __slots__ = ("epoch", "train_loss", "train_accuracy", "train_robust_accuracy", "lr", "wall_seconds")
@@ -178,7 +192,7 @@ class DatasetBuildResult(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., mode: _Optional[str] = ..., num_examples: _Optional[int] = ..., target_hit_rate: _Optional[float] = ..., mean_l2: _Optional[float] = ..., max_l2: _Optional[float] = ..., feature_distance_mean: _Optional[float] = ..., feature_distance_p95: _Optional[float] = ..., feature_distance_start_mean: _Optional[float] = ..., mean_l2_from_start: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
 
 class TransferPair(_message.Message):
-    __slots__ = ("source_model_id", "target_model_id", "examples", "correct_on_source", "correct_on_target", "successful_on_source", "transferred", "fooled_target", "white_box_success_rate", "transfer_rate", "unconditional_rate")
+    __slots__ = ("source_model_id", "target_model_id", "examples", "correct_on_source", "correct_on_target", "successful_on_source", "transferred", "fooled_target", "white_box_success_rate", "transfer_rate", "unconditional_rate", "white_box_success_rate_ci", "transfer_rate_ci", "unconditional_rate_ci")
     SOURCE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +204,9 @@ class TransferPair(_message.Message):
     WHITE_BOX_SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_RATE_FIELD_NUMBER: _ClassVar[int]
     UNCONDITIONAL_RATE_FIELD_NUMBER: _ClassVar[int]
+    WHITE_BOX_SUCCESS_RATE_CI_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_RATE_CI_FIELD_NUMBER: _ClassVar[int]
+    UNCONDITIONAL_RATE_CI_FIELD_NUMBER: _ClassVar[int]
     source_model_id: str
     target_model_id: str
     examples: int
@@ -201,7 +218,10 @@ class TransferPair(_message.Message):
     white_box_success_rate: float
     transfer_rate: float
     unconditional_rate: float
-    def __init__(self, source_model_id: _Optional[str] = ..., target_model_id: _Optional[str] = ..., examples: _Optional[int] = ..., correct_on_source: _Optional[int] = ..., correct_on_target: _Optional[int] = ..., successful_on_source: _Optional[int] = ..., transferred: _Optional[int] = ..., fooled_target: _Optional[int] = ..., white_box_success_rate: _Optional[float] = ..., transfer_rate: _Optional[float] = ..., unconditional_rate: _Optional[float] = ...) -> None: ...
+    white_box_success_rate_ci: Interval
+    transfer_rate_ci: Interval
+    unconditional_rate_ci: Interval
+    def __init__(self, source_model_id: _Optional[str] = ..., target_model_id: _Optional[str] = ..., examples: _Optional[int] = ..., correct_on_source: _Optional[int] = ..., correct_on_target: _Optional[int] = ..., successful_on_source: _Optional[int] = ..., transferred: _Optional[int] = ..., fooled_target: _Optional[int] = ..., white_box_success_rate: _Optional[float] = ..., transfer_rate: _Optional[float] = ..., unconditional_rate: _Optional[float] = ..., white_box_success_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., transfer_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., unconditional_rate_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class TransferRateResult(_message.Message):
     __slots__ = ("definition", "attack", "dataset_id", "split", "pairs", "wall_seconds", "device")

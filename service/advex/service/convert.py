@@ -12,6 +12,7 @@ from typing import Sequence, Union
 from advex.engine.attacks import GRADIENT_FREE, METHODS, AttackConfig
 from advex.engine.builders import PAPER_RELABEL_ATTACK, BuildConfig, InversionConfig
 from advex.engine.evaluate import AttackSweep
+from advex.engine.stats import clopper_pearson
 from advex.engine.train import PRESETS, SCHEDULES, TrainConfig, preset
 from advex.service.config import ServerConfig, env_name, flag_name
 from advex.service.errors import exhausted, invalid
@@ -252,3 +253,11 @@ def check_cost(cfg: ServerConfig, setting: str, examples: int, work: Sequence[Wo
              else "fewer examples (limit), attacks, steps, restarts or epochs")
     raise exhausted(f"cost {total:,} example-steps ({' × '.join(factors)}) exceeds {setting} {limit:,} "
                     f"({flag_name(setting)}, {env_name(setting)}): ask for {fewer}")
+
+
+def interval(target, k: int, n: int) -> None:
+    """Fill an advex.v1.Interval message with the 95% Clopper-Pearson interval of k of n
+    (left unset when n is 0)."""
+    bounds = clopper_pearson(k, n)
+    if bounds is not None:
+        target.lower, target.upper = bounds

@@ -290,19 +290,22 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             num_examples=rep.num_examples, clean_accuracy=rep.clean_accuracy, clean_correct=rep.clean_correct,
             per_class_accuracy=rep.per_class_accuracy, per_class_count=rep.per_class_count, wall_seconds=wall,
             device=str(self.device))
+        convert.interval(out.clean_accuracy_ci, rep.clean_correct, rep.num_examples)
         for row in rep.rows:
-            out.robust.add(attack=convert.attack_spec(row.config), robust_accuracy=row.robust_accuracy,
-                           robust_correct=row.robust_correct, total=row.total, success_rate=row.success_rate,
-                           per_class_robust_accuracy=row.per_class, wall_seconds=row.wall_seconds,
-                           mean_queries=row.mean_queries)
+            added = out.robust.add(attack=convert.attack_spec(row.config), robust_accuracy=row.robust_accuracy,
+                                   robust_correct=row.robust_correct, total=row.total, success_rate=row.success_rate,
+                                   per_class_robust_accuracy=row.per_class, wall_seconds=row.wall_seconds,
+                                   mean_queries=row.mean_queries)
+            convert.interval(added.robust_accuracy_ci, row.robust_correct, row.total)
         masking = gradient_masking_notes(rep.rows)
         out.gradient_masking_suspected = bool(masking)
         out.notes.extend(masking)
         for wc in rep.worst_case:
-            out.worst_case.add(norm=convert.NORM_ENUM[wc.norm], eps=wc.eps,
-                               robust_accuracy=wc.robust_correct / rep.num_examples if rep.num_examples else 0.0,
-                               robust_correct=wc.robust_correct,
-                               per_example=to_tensor(wc.robust_mask.numpy().astype(np.uint8)))
+            added = out.worst_case.add(
+                norm=convert.NORM_ENUM[wc.norm], eps=wc.eps,
+                robust_accuracy=wc.robust_correct / rep.num_examples if rep.num_examples else 0.0,
+                robust_correct=wc.robust_correct, per_example=to_tensor(wc.robust_mask.numpy().astype(np.uint8)))
+            convert.interval(added.robust_accuracy_ci, wc.robust_correct, rep.num_examples)
         return out
 
     def _record_accuracy(self, model_id: str, dataset_id: str, rep: EvalReport) -> None:
@@ -578,11 +581,14 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             for i, source_id in enumerate(sources):
                 for j, target_id in enumerate(targets):
                     c = counts[i][j]
-                    out.pairs.add(source_model_id=source_id, target_model_id=target_id, examples=c.examples,
-                                  correct_on_source=c.correct_on_source, correct_on_target=c.correct_on_target,
-                                  successful_on_source=c.successful_on_source, transferred=c.transferred,
-                                  fooled_target=c.fooled_target, white_box_success_rate=c.white_box_success_rate,
-                                  transfer_rate=c.transfer_rate, unconditional_rate=c.unconditional_rate)
+                    pair = out.pairs.add(
+                        source_model_id=source_id, target_model_id=target_id, examples=c.examples,
+                        correct_on_source=c.correct_on_source, correct_on_target=c.correct_on_target,
+                        successful_on_source=c.successful_on_source, transferred=c.transferred,
+                        fooled_target=c.fooled_target, white_box_success_rate=c.white_box_success_rate,
+                        transfer_rate=c.transfer_rate, unconditional_rate=c.unconditional_rate)
+                    for name, (k, n) in c.fractions().items():
+                        convert.interval(getattr(pair, name + "_ci"), k, n)
             out.wall_seconds = time.perf_counter() - t0
             return "transfer", out
 
