@@ -56,3 +56,22 @@ class FeatureMatching(Objective):
 
     def __call__(self, out, index):
         return -(out.flatten(1) - self.target[index]).norm(dim=1), None
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Difference-of-logits-ratio loss (Croce & Hein, ICML 2020), per example, float [N]; to be
+    *maximized* by an attack. With z sorted descending as z_pi1 >= z_pi2 >= ...:
+    untargeted  -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)        (needs >= 3 classes)
+    targeted    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)          (needs >= 4 classes)
+    Invariant to shifting and rescaling the logits; positive once x is misclassified (untargeted)."""
+    need = 3 if target is None else 4
+    if logits.shape[1] < need:
+        raise ValueError(f"the {'targeted ' if target is not None else ''}DLR loss needs at least {need} classes, "
+                         f"got {logits.shape[1]}")
+    top = logits.sort(dim=1, descending=True).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    if target is None:
+        others = logits.scatter(1, y[:, None], -torch.inf).amax(1)
+        return -(z_y - others) / (top[:, 0] - top[:, 2] + 1e-12)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
