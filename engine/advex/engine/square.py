@@ -1,18 +1,31 @@
-"""The Square attack (Andriushchenko et al., ECCV 2020): a score-based black-box attack that needs
-only the model's outputs, never its gradients.
+"""The Square attack (Andriushchenko et al., "Square Attack: a query-efficient black-box adversarial
+attack via random search", ECCV 2020): a score-based black-box attack that needs only the model's
+outputs, never its gradients.
 
-Random search over perturbations on the eps sphere: each iteration proposes a change confined
-to a random square window (one per example) and keeps it when the margin loss improves. The
-window's area is a fraction p of the image, shrinking on the paper's schedule as queries are
-spent. One iteration costs one query per example still being attacked; the starting point costs
-one more. Examples stop as soon as they are misclassified (or reach the target).
+Random search: each iteration proposes a change confined to random square windows (drawn
+independently for every example) and keeps it when the loss improves or the example becomes
+misclassified. The window covers a fraction p of the image; p starts at p_init = 0.8 and is halved
+at the paper's milestones (given for 10,000 iterations and rescaled to the budget). One iteration
+costs one query per example still being attacked; the starting point costs one more. Examples stop
+as soon as they are misclassified (or reach the target).
 
-Linf: the window takes the values +-eps (a random sign per channel), as in the paper.
-L2: the window's content is replaced by a Gaussian bump of random sign per channel, scaled so that
-||delta||_2 stays eps. (The paper moves mass between two windows to keep the norm; this single-
-window version keeps the same invariant with a simpler proposal.)
+Linf (the paper's Algorithm 2): start from vertical stripes of +-eps (one sign per channel and
+column); a proposal sets a window of side s = max(round(sqrt(p * h * w)), 1) to +-eps with one
+random sign per channel for the whole window. A proposal that would leave the window unchanged is
+redrawn (as the authors' code does), so no query is wasted on it.
 
-Inputs of any shape [N, ...] are viewed as [N, C, H, W] images; vectors [N, D] as [N, 1, 1, D].
+L2 (the paper's Algorithm 3): start from a grid of "meta pseudo-gaussian" blocks (two opposite-sign
+halves of concentric-square bumps) with random signs, rescaled to norm eps; a proposal draws two
+windows W1, W2 (side >= 3, odd), moves all the mass of W1 u W2 (per channel) plus the unused budget
+eps^2 - ||delta||^2 into W1 along (old W1 content, normalized) + (random-sign bump), and zeroes W2:
+||delta||_2 stays exactly eps before the box clip, so the iterate never leaves the ball.
+
+Loss: untargeted uses the margin z_y - max_{j != y} z_j; targeted uses the cross-entropy towards
+the target as the paper does (loss="margin" selects max_{j != t} z_j - z_t instead). Success is
+always decided by the margin.
+
+Inputs of any shape [N, ...] are viewed as [N, C, H, W] images; vectors [N, D] as [N, 1, 1, D]
+(windows then become rectangles of the same area, 1 x round(p * D)).
 """
 from __future__ import annotations
 
@@ -21,11 +34,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
-from advex.engine.threat import Box, per_example_norm
+from advex.engine.threat import Box
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
+_TINY = 1e-12
 
 
 @dataclass
@@ -36,8 +51,9 @@ class SquareResult:
 
 
 def p_schedule(p_init: float, it: int, n_iters: int) -> float:
-    """Fraction of the image a window covers at iteration `it` of `n_iters`: halved at the paper's
-    milestones (given for 10,000 iterations, rescaled to the budget)."""
+    """Fraction of the image a window covers at iteration `it` (0-based) of `n_iters`: p_init up to
+    iteration 10 of 10,000, then halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000;
+    for other budgets the iteration is rescaled to int(it / n_iters * 10000) first."""
     t = int(it / max(n_iters, 1) * 10000)
     for milestone, divisor in _SCHEDULE:
         if t <= milestone:
@@ -46,7 +62,7 @@ def p_schedule(p_init: float, it: int, n_iters: int) -> float:
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
-    """Untargeted: z_y - max_{j != y} z_j. Targeted: max_{j != t} z_j - z_t. Goal reached when < 0."""
+    """Untargeted: z_y - max_{j != y} z_j. Targeted: max_{j != t} z_j - z_t. Goal reached when <= 0."""
     picked = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], -torch.inf).amax(1)
     return others - picked if targeted else picked - others
@@ -60,77 +76,181 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], 1, 1, -1)
 
 
-def _window(n: int, h: int, w: int, s: int, gen: torch.Generator, device) -> torch.Tensor:
-    """bool [n, 1, h, w]: one random s x s window per example."""
-    top = torch.randint(0, h - s + 1, (n,), generator=gen).to(device)
-    left = torch.randint(0, w - s + 1, (n,), generator=gen).to(device)
-    rows = torch.arange(h, device=device)[None, :, None]
-    cols = torch.arange(w, device=device)[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < top[:, None, None] + s)
-              & (cols >= left[:, None, None]) & (cols < left[:, None, None] + s))
-    return inside[:, None]
+def _sides(p: float, h: int, w: int, min_side: int, odd: bool) -> tuple[int, int]:
+    """Window sides (sh, sw) covering a fraction p of an h x w image: a square of side
+    max(round(sqrt(p * h * w)), min_side) (made odd when asked), a rectangle of about the same area
+    when the image is too narrow for it."""
+    area = p * h * w
+    s = max(int(round(math.sqrt(area))), min_side)
+    if odd and s % 2 == 0:
+        s += 1
+    sh, sw = min(s, h), min(s, w)
+    if sh < s and sw == s:
+        sw = min(w, max(int(round(area / sh)), min_side))
+    elif sw < s and sh == s:
+        sh = min(h, max(int(round(area / sw)), min_side))
+    return sh, sw
+
+
+def _bump(a: int, b: int, device) -> torch.Tensor:
+    """[a, b] concentric-rectangle bump of the paper (eq. 2): sum_{k=d}^{K-1} 1/(k+1)^2 where d is
+    the Chebyshev distance to the centre (a//2, b//2) and K = max(a//2, b//2) + 1."""
+    if a == 0 or b == 0:
+        return torch.zeros((a, b), device=device)
+    k_max = max(a // 2, b // 2) + 1
+    tail = (1.0 / torch.arange(1, k_max + 1, device=device, dtype=torch.float32) ** 2).flip(0).cumsum(0).flip(0)
+    d = torch.maximum((torch.arange(a, device=device) - a // 2).abs()[:, None],
+                      (torch.arange(b, device=device) - b // 2).abs()[None, :])
+    return tail[d]
+
+
+def meta_pseudo_gaussian(a: int, b: int, device="cpu") -> torch.Tensor:
+    """float [2, a, b], unit L2 norm each: the paper's eta (a bump on the first half of the rows, the
+    negated bump on the second half, both halves of the same norm) in its two orientations (split along rows / along columns).
+    When a side is 1 the split goes along the other side for both; a 1 x 1 window is just 1."""
+    def split_rows(r: int, c: int) -> torch.Tensor:
+        halves = [_bump(r // 2, c, device), -_bump(r - r // 2, c, device)]
+        e = torch.cat([v / v.norm().clamp_min(_TINY) for v in halves], 0)  # two halves of equal mass
+        return e / e.norm().clamp_min(_TINY)
+
+    if a == 1 and b == 1:
+        one = torch.ones((1, 1), device=device)
+        return torch.stack([one, one])
+    by_rows = split_rows(a, b) if a > 1 else split_rows(b, a).T
+    by_cols = split_rows(b, a).T if b > 1 else by_rows
+    if a == 1:
+        by_rows = by_cols
+    return torch.stack([by_rows, by_cols])
+
+
+def _signs(shape, gen: torch.Generator, device) -> torch.Tensor:
+    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(device=device, dtype=torch.float32)
+
+
+def _place(m: int, h: int, w: int, sh: int, sw: int, gen: torch.Generator, device):
+    """One random sh x sw window per example: (mask bool [m, 1, h, w], row and column offsets inside
+    the window, int64 [m, 1, h, 1] and [m, 1, 1, w], clamped to the window)."""
+    top = torch.randint(0, h - sh + 1, (m,), generator=gen).to(device)
+    left = torch.randint(0, w - sw + 1, (m,), generator=gen).to(device)
+    dr = torch.arange(h, device=device)[None, :] - top[:, None]   # [m, h]
+    dc = torch.arange(w, device=device)[None, :] - left[:, None]  # [m, w]
+    in_r = (dr >= 0) & (dr < sh)
+    in_c = (dc >= 0) & (dc < sw)
+    mask = (in_r[:, :, None] & in_c[:, None, :])[:, None]
+    return mask, dr.clamp(0, sh - 1)[:, None, :, None], dc.clamp(0, sw - 1)[:, None, None, :]
+
+
+def _l2_init(n: int, c: int, h: int, w: int, eps: float, gen: torch.Generator, device) -> torch.Tensor:
+    """The paper's L2 start: a grid of meta-pseudo-gaussian blocks of side h//5 (w//5), each with a
+    random orientation per example and a random sign per example and channel, rescaled to norm eps."""
+    bh, bw = max(h // 5, 1), max(w // 5, 1)
+    oh, ow = max((h - 5 * bh) // 2, 0), max((w - 5 * bw) // 2, 0)
+    nh, nw = (h - oh) // bh, (w - ow) // bw
+    eta = meta_pseudo_gaussian(bh, bw, device)                                # [2, bh, bw]
+    orient = torch.randint(0, 2, (n, 1, nh, nw), generator=gen).to(device)
+    sign = _signs((n, c, nh, nw), gen, device)
+    blocks = eta[orient.expand(n, 1, nh, nw)]                                 # [n, 1, nh, nw, bh, bw]
+    blocks = blocks * sign[..., None, None]                                   # [n, c, nh, nw, bh, bw]
+    grid = blocks.permute(0, 1, 2, 4, 3, 5).reshape(n, c, nh * bh, nw * bw)
+    delta = torch.zeros((n, c, h, w), device=device)
+    delta[:, :, oh:oh + nh * bh, ow:ow + nw * bw] = grid
+    norm = delta.flatten(1).norm(dim=1).clamp_min(_TINY)
+    return eps * delta / norm.view(n, 1, 1, 1)
 
 
 def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, queries: int,
                   p_init: Optional[float] = None, targeted: bool = False, box: Box = (0.0, 1.0),
-                  seed: int = 0, on_step: Optional[Callable[[int, int], None]] = None) -> SquareResult:
-    """x: float32 [N, ...]; y: labels (or targets); queries: budget per example (>= 1)."""
+                  seed: int = 0, on_step: Optional[Callable[[int, int], None]] = None,
+                  loss: Optional[str] = None, resample_unchanged: bool = True) -> SquareResult:
+    """x: float32 [N, ...]; y: labels (or targets); queries: budget per example (>= 1), the starting
+    point included. p_init: starting window fraction (default 0.8, the paper's and AutoAttack's).
+    loss: "margin" or "ce" (default: margin when untargeted, cross-entropy when targeted).
+    resample_unchanged (Linf): redraw a proposal that would leave its window as it is (the authors'
+    code does; torchattacks/AutoAttack do not and spend the query anyway)."""
     if norm not in ("L2", "Linf"):
         raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
     if queries < 1:
         raise ValueError("the Square attack needs a query budget >= 1")
+    loss = loss if loss is not None else ("ce" if targeted else "margin")
+    if loss not in ("margin", "ce"):
+        raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
+    p_init = 0.8 if p_init is None else p_init
     gen = torch.Generator().manual_seed(seed)
     shape = x.shape
     xi = _as_images(x.detach())
     n, c, h, w = xi.shape
     dev = x.device
-    p_init = p_init if p_init is not None else (0.05 if norm == "Linf" else 0.1)
+    iters = queries - 1
 
     def clip(v: torch.Tensor) -> torch.Tensor:
         return v if box is None else v.clamp(box[0], box[1])
 
-    def query(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def query(v: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(margin, loss) [len(rows)]: lower is better for both."""
         with torch.no_grad():
-            return _margin(forward(v.reshape(len(rows), *shape[1:])), y[rows], targeted)
+            logits = forward(v.reshape(len(rows), *shape[1:])).float()
+        target = y[rows]
+        m = _margin(logits, target, targeted)
+        if loss == "margin":
+            return m, m
+        ce = F.cross_entropy(logits, target, reduction="none")
+        return m, (ce if targeted else -ce)
 
-    # starting point: vertical stripes of +-eps (Linf) or a random direction of norm eps (L2)
     if norm == "Linf":
-        stripes = torch.randint(0, 2, (n, c, 1, w), generator=gen).float().to(dev) * 2 - 1
-        delta = eps * stripes.expand(n, c, h, w).clone()
+        delta = eps * _signs((n, c, 1, w), gen, dev).expand(n, c, h, w)
     else:
-        g = torch.randn((n, c, h, w), generator=gen).to(dev)
-        delta = eps * g / per_example_norm(g, 2.0).clamp_min(1e-12).view(n, 1, 1, 1)
+        delta = _l2_init(n, c, h, w, eps, gen, dev)
     x_best = clip(xi + delta)
     everyone = torch.arange(n, device=dev)
-    margin = query(x_best, everyone)
+    margin, best = query(x_best, everyone)
     spent = torch.ones(n, dtype=torch.long, device=dev)  # the starting point's query
-    for it in range(queries - 1):
-        active = (margin >= 0).nonzero().flatten()
+    for it in range(iters):
+        active = (margin > 0).nonzero().flatten()
         if active.numel() == 0:
             break
         m = active.numel()
-        s = max(1, min(h, w, int(round(math.sqrt(p_schedule(p_init, it, queries) * h * w)))))
-        window = _window(m, h, w, s, gen, dev)
-        cur = x_best[active] - xi[active]
-        signs = (torch.randint(0, 2, (m, c, 1, 1), generator=gen).float().to(dev) * 2 - 1)
+        p = p_schedule(p_init, it, iters)
+        x0 = xi[active]
+        cur = x_best[active]
         if norm == "Linf":
-            proposal = torch.where(window, eps * signs.expand(m, c, h, w), cur)
+            sh, sw = _sides(p, h, w, 1, odd=False)
+            window, _, _ = _place(m, h, w, sh, sw, gen, dev)
+            signs = _signs((m, c, 1, 1), gen, dev)
+            flip = torch.randint(0, 2, (m, c, 1, 1), generator=gen).to(dev).bool()
+            forced = torch.randint(0, c, (m,), generator=gen).to(dev)
+            target_vals = clip(x0 + eps * signs)
+            same = ((target_vals - cur).abs() <= 1e-7) | ~window
+            unchanged = same.flatten(1).all(1)
+            # a proposal equal to the current window wastes a query: flip a non-empty set of channels
+            flip[:, :, 0, 0] |= F.one_hot(forced, c).bool() & ~flip.flatten(1).any(1, keepdim=True)
+            if resample_unchanged:
+                signs = torch.where(unchanged.view(m, 1, 1, 1) & flip, -signs, signs)
+            candidate = torch.where(window, clip(x0 + eps * signs), cur)
         else:
-            outside = cur * ~window
-            room = (eps ** 2 - per_example_norm(outside, 2.0) ** 2).clamp_min(0).sqrt()
-            r = torch.arange(s, device=dev, dtype=torch.float32) - (s - 1) / 2
-            bump2d = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * max(s / 4, 0.5) ** 2))
-            bump = torch.zeros((m, c, h, w), device=dev)
-            bump[window.expand(m, c, h, w)] = bump2d.flatten().repeat(m * c)
-            bump = bump * signs
-            bump = bump * (room / per_example_norm(bump, 2.0).clamp_min(1e-12)).view(m, 1, 1, 1)
-            proposal = outside + bump
-        candidate = clip(xi[active] + proposal)
-        new_margin = query(candidate, active)
+            sh, sw = _sides(p, h, w, 3, odd=True)
+            nu = cur - x0
+            w1, r1, c1 = _place(m, h, w, sh, sw, gen, dev)
+            w2, _, _ = _place(m, h, w, sh, sw, gen, dev)
+            eta = meta_pseudo_gaussian(sh, sw, dev)                         # [2, sh, sw]
+            orient = torch.randint(0, 2, (m,), generator=gen).to(dev).view(m, 1, 1, 1)
+            bump = eta[orient, r1, c1] * w1 * _signs((m, c, 1, 1), gen, dev)  # [m, c, h, w], unit norm per channel
+            unused = (eps ** 2 - nu.flatten(1).pow(2).sum(1)).clamp_min(0).view(m, 1, 1, 1)
+            in_w1 = nu * w1
+            old = in_w1 / in_w1.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(_TINY)
+            avail = ((nu * (w1 | w2)).pow(2).sum((2, 3), keepdim=True) + unused / c).sqrt()
+            moved = bump + old
+            moved = moved / moved.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(_TINY) * avail
+            new = torch.where(w1, moved, torch.where(w2, torch.zeros_like(nu), nu))
+            # exact in exact arithmetic; rescaling guards against drift so the iterate stays in the ball
+            new = eps * new / new.flatten(1).norm(dim=1).clamp_min(_TINY).view(m, 1, 1, 1)
+            candidate = clip(x0 + new)
+        new_margin, new_loss = query(candidate, active)
         spent[active] += 1
-        better = new_margin < margin[active]
-        x_best[active[better]] = candidate[better]
-        margin[active[better]] = new_margin[better]
+        better = (new_loss < best[active]) | (new_margin <= 0)
+        take = active[better]
+        x_best[take] = candidate[better]
+        margin[take] = new_margin[better]
+        best[take] = new_loss[better]
         if on_step is not None:
-            on_step(it + 1, queries - 1)
-    return SquareResult(x_best.reshape(shape), margin < 0, spent)
+            on_step(it + 1, iters)
+    return SquareResult(x_best.reshape(shape), margin <= 0, spent)
