@@ -170,7 +170,7 @@ def cmd_attack(args) -> int:
 def cmd_evaluate(args) -> int:
     attacks = args.attack or []
     op = _client(args).evaluate(args.model, args.dataset, split=args.split, limit=args.limit, attacks=attacks,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, suite=args.suite)
     result, code = _wait_result(op, args.wait)
     if result is None:
         return code
@@ -180,7 +180,8 @@ def cmd_evaluate(args) -> int:
     rows = [["clean", "-", f"{result.clean_accuracy:.2%}", fmt_ci(result, "clean_accuracy_ci")]]
     for r in result.robust:
         norm = "L2" if r.attack.norm == 2 else "Linf"
-        rows.append([f"{r.attack.method} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}",
+        name = f"{r.suite}: after {r.attack.method}" if r.suite else r.attack.method
+        rows.append([f"{name} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}",
                      fmt_ci(r, "robust_accuracy_ci")])
     print(table(["attack", "eps", "accuracy", "95% CI"], rows))
     return 0
@@ -423,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=0)
     e.add_argument("--attack", type=_attack_arg, action="append",
-                   help="e.g. norm=L2,eps=0.25:0.5,steps=20 (repeatable)")
+                   help="e.g. norm=L2,eps=0.25:0.5,steps=20 (repeatable); with --suite only norm, eps and seed")
+    e.add_argument("--suite", default="", choices=["", "pgd", "autoattack-fast", "autoattack"],
+                   help="a standard suite run as a cascade at each eps: autoattack (APGD-CE, APGD-T, FAB-T, Square "
+                        "5000 queries), autoattack-fast (APGD-CE, APGD-T) or pgd (PGD-50)")
     e.add_argument("--no-wait", dest="wait", action="store_false", help="print the operation id and return")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_evaluate)

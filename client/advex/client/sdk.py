@@ -229,14 +229,20 @@ class Client:
 
     # ------------------------------------------------------------------ Evaluate / Train
     def evaluate(self, model_id: str, dataset_id: str, *, attacks: Iterable[Mapping] = (), split: str = "",
-                 limit: int = 0, batch_size: int = 0, surrogate_model_id: str = "") -> Operation:
+                 limit: int = 0, batch_size: int = 0, surrogate_model_id: str = "", suite: str = "") -> Operation:
         """attacks: dicts like {"norm": "L2", "eps": [0.25, 0.5], "steps": 20, "method": "pgd"}.
+        suite: "autoattack" (APGD-CE, APGD-T, FAB-T, Square), "autoattack-fast" (APGD-CE then
+        APGD-T) or "pgd" (PGD-50), run as a cascade at each
+        radius; attacks then give only norm, eps (and seed), e.g. {"norm": "Linf", "eps": [8/255]},
+        and each result row names the suite (its robust accuracy is what is left after it).
         surrogate_model_id: for a model without gradients (ONNX), craft white-box attacks on this
         torch model and judge them on the evaluated one (transfer attacks)."""
         req = rpc.EvaluateRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit,
-                                  batch_size=batch_size, surrogate_model_id=surrogate_model_id)
+                                  batch_size=batch_size, surrogate_model_id=surrogate_model_id, suite=suite)
         for a in attacks:
             a = dict(a)
+            if suite:
+                a.setdefault("method", "")
             eps = a.pop("eps", [])
             eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
             req.attacks.add(attack=attack_spec(**a), eps=eps_list)

@@ -1,5 +1,7 @@
-"""Attacks as configurations of the projected-gradient loop: FGSM and PGD, L2 and Linf,
-untargeted or targeted, with restarts."""
+"""Attacks: FGSM and PGD as configurations of the projected-gradient loop (L2 and Linf,
+untargeted or targeted, with restarts), APGD (Croce & Hein 2020: APGD-CE, APGD-DLR and APGD-T,
+advex.engine.apgd), targeted FAB (FAB-T, minimal norm, advex.engine.fab) and the black-box Square
+attack."""
 from __future__ import annotations
 
 import math
@@ -12,8 +14,12 @@ from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted
 from advex.engine.optimize import StepCallback, optimize
 from advex.engine.threat import Box, make_threat_model
 
-METHODS = ("pgd", "fgsm", "square")
+# loss, multi-targeted; with fewer classes than DLR needs (3, targeted 4) the loss is cross-entropy
+APGD_METHODS = {"apgd-ce": ("ce", False), "apgd-dlr": ("dlr", False), "apgd-t": ("dlr", True)}
+METHODS = ("pgd", "fgsm", "square") + tuple(APGD_METHODS) + ("fab-t",)
 GRADIENT_FREE = ("square",)
+APGD_TARGET_CLASSES = 9  # APGD-T and FAB-T: the classes with the highest clean logits other than the true one
+MULTI_TARGETED = ("apgd-t", "fab-t")  # a run per target class
 NORMS = ("L2", "Linf")
 
 
@@ -48,6 +54,13 @@ class AttackConfig:
             random_start = bool(self.random_start)
         elif method == "square":  # steps = query budget per example; no gradient steps
             steps = self.steps or 1000
+            step_size = 0.0
+            random_start = True
+        elif method in APGD_METHODS or method == "fab-t":  # parameter-free (APGD's schedule, FAB's projections)
+            if self.targeted:
+                raise ValueError(f"{method} measures untargeted robustness (APGD-T picks its own target classes); "
+                                 "targeted=True is for pgd and fgsm")
+            steps = self.steps or 100
             step_size = 0.0
             random_start = True
         else:
@@ -109,6 +122,30 @@ def attack(
         adv_pred = predict(forward, res.x)
         success = adv_pred == y if cfg.targeted else adv_pred != y
         return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg, res.queries)
+    if cfg.method in APGD_METHODS:
+        from advex.engine.apgd import apgd
+
+        loss, multi_targeted = APGD_METHODS[cfg.method]
+        if loss == "dlr":  # DLR needs 3 classes (its targeted form 4): fewer, and it is CE, as AutoAttack does
+            with torch.no_grad():
+                classes = forward(x[:1]).shape[1]
+            loss = "dlr" if classes >= (4 if multi_targeted else 3) else "ce"
+        res = apgd(forward, x, y, norm=cfg.norm, eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts, loss=loss,
+                   targeted=multi_targeted, target_classes=APGD_TARGET_CLASSES, box=box, seed=cfg.seed,
+                   early_stop=early_stop, on_step=on_step)
+        clean_pred = predict(forward, x) if clean_pred is None else clean_pred
+        adv_pred = predict(forward, res.x)
+        return AttackOutput(res.x, adv_pred != y, clean_pred, adv_pred, threat.distance(res.x, x), cfg)
+    if cfg.method == "fab-t":  # minimal-norm; what it finds beyond eps is no adversarial example here
+        from advex.engine.fab import fab
+
+        res = fab(forward, x, y, norm=cfg.norm, eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts,
+                  target_classes=APGD_TARGET_CLASSES, box=box, seed=cfg.seed, early_stop=early_stop, on_step=on_step)
+        inside = res.success.view(-1, *([1] * (x.dim() - 1)))
+        x_adv = torch.where(inside, res.x, x)
+        clean_pred = predict(forward, x) if clean_pred is None else clean_pred
+        adv_pred = predict(forward, x_adv)
+        return AttackOutput(x_adv, adv_pred != y, clean_pred, adv_pred, threat.distance(x_adv, x), cfg)
     objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
     gen = torch.Generator(device=x.device if x.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
     res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,

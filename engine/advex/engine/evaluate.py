@@ -4,6 +4,11 @@ Robust accuracy at (attack, eps) = fraction of examples classified correctly *an
 classified correctly under the attack. Only clean-correct examples are attacked (the
 others count as non-robust already), and the attack stops early per example once it
 succeeds: both change no number, only the work done.
+
+A suite (SUITES: "pgd", "autoattack-fast", "autoattack") is a fixed list of attacks run as a cascade at each
+(norm, eps): each attack runs only on the points every earlier one failed on, so its row is the
+robust accuracy *after* it and the suite's last row is its worst case per example (AutoAttack's
+protocol, Croce & Hein 2020).
 """
 from __future__ import annotations
 
@@ -20,14 +25,32 @@ from advex.engine.models import ModelWrapper
 
 @dataclass(frozen=True)
 class AttackSweep:
-    """One attack evaluated at every eps of ``eps`` (config.eps ignored when eps is non-empty)."""
+    """One attack evaluated at every eps of ``eps`` (config.eps ignored when eps is non-empty);
+    `suite`: the suite it belongs to (it then runs only on what the suite's earlier attacks left)."""
 
     config: AttackConfig
     eps: tuple[float, ...] = ()
+    suite: str = ""
 
     def configs(self) -> list[AttackConfig]:
         radii = self.eps or (self.config.eps,)
         return [replace(self.config, eps=float(e)).resolved() for e in radii]
+
+
+# Each suite's attacks, in the order they run (their settings are the references' standard ones).
+SUITES: dict[str, tuple[AttackConfig, ...]] = {
+    "pgd": (AttackConfig(method="pgd", steps=50),),
+    "autoattack-fast": (AttackConfig(method="apgd-ce", steps=100), AttackConfig(method="apgd-t", steps=100)),
+    "autoattack": (AttackConfig(method="apgd-ce", steps=100), AttackConfig(method="apgd-t", steps=100),
+                   AttackConfig(method="fab-t", steps=100), AttackConfig(method="square", steps=5000)),
+}
+
+
+def suite_sweeps(suite: str, norm: str, eps: tuple[float, ...], seed: int = 0) -> list[AttackSweep]:
+    """The sweeps of `suite` at these radii (ValueError for an unknown suite)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
+    return [AttackSweep(replace(cfg, norm=norm, seed=seed), tuple(eps), suite=suite) for cfg in SUITES[suite]]
 
 
 @dataclass
@@ -40,6 +63,7 @@ class RobustRow:
     wall_seconds: float
     robust_mask: torch.Tensor  # bool [N]
     mean_queries: float = 0.0  # black-box attacks: model queries per attacked example
+    suite: str = ""            # set: the robust accuracy after this attack and the suite's earlier ones
 
     @property
     def robust_accuracy(self) -> float:
@@ -101,7 +125,7 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
     on_progress(done, total, stage) counts images: the clean pass, then attacked images."""
     t_start = time.perf_counter()
     model.eval()
-    configs = [cfg for sweep in sweeps for cfg in sweep.configs()]
+    configs = [(cfg, sweep.suite) for sweep in sweeps for cfg in sweep.configs()]
     n = len(data)
     report_progress = on_progress or (lambda d, t, s: None)
     report_progress(0, n, "clean")
@@ -115,13 +139,17 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
     report_progress(done, total, "clean")
     idx_correct = correct.nonzero().flatten()
     worst: dict[tuple[str, float], torch.Tensor] = {}
-    for cfg in configs:
+    left: dict[tuple[str, str, float], torch.Tensor] = {}  # per suite and radius: what is still robust
+    for cfg, suite in configs:
         t0 = time.perf_counter()
         robust = torch.zeros(n, dtype=torch.bool)
         queries = 0
-        stage = f"{cfg.method} {cfg.norm} eps={cfg.eps:g}"
-        for start in range(0, len(idx_correct), batch_size):
-            rows = idx_correct[start:start + batch_size]
+        stage = f"{suite + ': ' if suite else ''}{cfg.method} {cfg.norm} eps={cfg.eps:g}"
+        targets = left[(suite, cfg.norm, cfg.eps)].nonzero().flatten() if suite and (suite, cfg.norm, cfg.eps) in left \
+            else idx_correct
+        done += len(idx_correct) - len(targets)  # points an earlier attack of the suite broke: no work
+        for start in range(0, len(targets), batch_size):
+            rows = targets[start:start + batch_size]
             x = batch_float(data.x[rows]).to(device)
             y = data.y[rows].to(device)
             if surrogate is not None and cfg.method not in GRADIENT_FREE:
@@ -141,7 +169,9 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
             report_progress(done, total, stage)
         report.rows.append(RobustRow(cfg, int(robust.sum()), n, n_correct,
                                      per_class_rate(robust, data.y, data.num_classes),
-                                     time.perf_counter() - t0, robust, queries / max(len(idx_correct), 1)))
+                                     time.perf_counter() - t0, robust, queries / max(len(targets), 1), suite))
+        if suite:
+            left[(suite, cfg.norm, cfg.eps)] = robust
         key = (cfg.norm, cfg.eps)
         worst[key] = worst[key] & robust if key in worst else robust.clone()
     report.worst_case = [WorstCaseRow(norm, eps, mask) for (norm, eps), mask in worst.items()]
@@ -153,8 +183,18 @@ def gradient_masking_notes(rows: list[RobustRow]) -> list[str]:
     """Where a black-box attack breaks more examples than every white-box attack at the same
     (norm, eps), gradients are likely masked (Athalye et al., 2018): say so, with the numbers."""
     notes = []
-    for norm, eps in sorted({(r.config.norm, r.config.eps) for r in rows}):
-        here = [r for r in rows if (r.config.norm, r.config.eps) == (norm, eps)]
+    previous: dict[tuple[str, str, float], RobustRow] = {}
+    for r in rows:  # in a suite, a black-box attack that breaks what the gradient attacks left
+        key = (r.suite, r.config.norm, r.config.eps)
+        before = previous.get(key)
+        if r.suite and before is not None and r.config.method in GRADIENT_FREE and r.robust_correct < before.robust_correct:
+            notes.append(f"gradient masking suspected at {r.config.norm} eps={r.config.eps:g}: in suite {r.suite}, "
+                         f"black-box {r.config.method} broke {before.robust_correct - r.robust_correct} examples "
+                         "that every white-box attack before it failed on")
+        previous[key] = r
+    standalone = [r for r in rows if not r.suite]  # suite rows are cumulative: not comparable one by one
+    for norm, eps in sorted({(r.config.norm, r.config.eps) for r in standalone}):
+        here = [r for r in standalone if (r.config.norm, r.config.eps) == (norm, eps)]
         black = [r for r in here if r.config.method in GRADIENT_FREE]
         white = [r for r in here if r.config.method not in GRADIENT_FREE]
         if not black or not white:

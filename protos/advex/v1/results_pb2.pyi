@@ -48,7 +48,7 @@ class Interval(_message.Message):
     def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
 
 class RobustAccuracy(_message.Message):
-    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries", "crafted_on_model_id", "robust_accuracy_ci")
+    __slots__ = ("attack", "robust_accuracy", "robust_correct", "total", "success_rate", "per_class_robust_accuracy", "wall_seconds", "mean_queries", "crafted_on_model_id", "robust_accuracy_ci", "suite")
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class RobustAccuracy(_message.Message):
     MEAN_QUERIES_FIELD_NUMBER: _ClassVar[int]
     CRAFTED_ON_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ROBUST_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
     attack: AttackSpec
     robust_accuracy: float
     robust_correct: int
@@ -69,7 +70,8 @@ class RobustAccuracy(_message.Message):
     mean_queries: float
     crafted_on_model_id: str
     robust_accuracy_ci: Interval
-    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ..., crafted_on_model_id: _Optional[str] = ..., robust_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+    suite: str
+    def __init__(self, attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., total: _Optional[int] = ..., success_rate: _Optional[float] = ..., per_class_robust_accuracy: _Optional[_Iterable[float]] = ..., wall_seconds: _Optional[float] = ..., mean_queries: _Optional[float] = ..., crafted_on_model_id: _Optional[str] = ..., robust_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ..., suite: _Optional[str] = ...) -> None: ...
 
 class SkippedAttack(_message.Message):
     __slots__ = ("attack", "reason")

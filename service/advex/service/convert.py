@@ -9,13 +9,15 @@ import numpy as np
 
 from typing import Sequence, Union
 
-from advex.engine.attacks import GRADIENT_FREE, METHODS, AttackConfig
+from advex.engine.attacks import (APGD_METHODS, APGD_TARGET_CLASSES, GRADIENT_FREE, METHODS, MULTI_TARGETED,
+                                  AttackConfig)
 from advex.engine.builders import PAPER_RELABEL_ATTACK, BuildConfig, InversionConfig
-from advex.engine.evaluate import AttackSweep
+from advex.engine.evaluate import SUITES, AttackSweep, suite_sweeps
 from advex.engine.stats import clopper_pearson
 from advex.engine.train import PRESETS, SCHEDULES, TrainConfig, preset
 from advex.service.config import ServerConfig, env_name, flag_name
 from advex.service.errors import exhausted, invalid
+from advex.service.text import quote
 from advex.v1 import resources_pb2 as res
 from advex.v1 import results_pb2 as results
 from advex.v1 import robustness_pb2 as rpc
@@ -51,6 +53,9 @@ def attack_config(spec: results.AttackSpec, field: str, cfg: ServerConfig, dim: 
         raise invalid(f"{field}.restarts", f"must be in [0, {cfg.max_restarts}], got {spec.restarts}")
     if not (math.isfinite(spec.step_size) and spec.step_size >= 0):
         raise invalid(f"{field}.step_size", f"must be finite and >= 0 (0 = default), got {spec.step_size}")
+    if (method in APGD_METHODS or method == "fab-t") and spec.targeted:
+        raise invalid(f"{field}.targeted", f"{method} measures untargeted robustness (apgd-t picks its own target "
+                                           "classes); targeted attacks are pgd and fgsm")
     return AttackConfig(norm=norm, eps=spec.eps, method=method, steps=spec.steps, step_size=spec.step_size,
                         random_start=spec.random_start if spec.HasField("random_start") else None,
                         restarts=spec.restarts, targeted=spec.targeted, seed=spec.seed)
@@ -69,6 +74,10 @@ MAX_EPS_PER_SWEEP = 64   # radii of one of them
 def sweeps(request: rpc.EvaluateRequest, cfg: ServerConfig, dim: int, boxed: bool) -> list[AttackSweep]:
     if len(request.attacks) > MAX_SWEEPS:
         raise invalid("attacks", f"at most {MAX_SWEEPS} attacks, got {len(request.attacks)}")
+    if request.suite and request.suite not in SUITES:
+        raise invalid("suite", f"unknown suite {quote(request.suite)}; expected one of {sorted(SUITES)}")
+    if request.suite and not request.attacks:
+        raise invalid("attacks", f"suite {request.suite!r} needs the radii: give attacks with a norm and eps")
     out = []
     for i, sweep in enumerate(request.attacks):
         field = f"attacks[{i}]"
@@ -79,7 +88,15 @@ def sweeps(request: rpc.EvaluateRequest, cfg: ServerConfig, dim: int, boxed: boo
         base = attack_config(sweep.attack, f"{field}.attack", cfg, dim, boxed, check_radius=not sweep.eps)
         for j, eps in enumerate(sweep.eps):
             check_eps(eps, base.norm, f"{field}.eps[{j}]", dim, boxed)
-        out.append(AttackSweep(base, tuple(float(e) for e in sweep.eps)))
+        radii = tuple(float(e) for e in sweep.eps) or (base.eps,)
+        if request.suite:
+            spec = sweep.attack
+            if spec.method or spec.steps or spec.restarts or spec.step_size or spec.HasField("random_start"):
+                raise invalid(f"{field}.attack", f"with suite {request.suite!r} give only norm, eps and seed: the "
+                                                 "suite fixes its attacks and their settings")
+            out += suite_sweeps(request.suite, base.norm, radii, seed=base.seed)
+        else:
+            out.append(AttackSweep(base, tuple(float(e) for e in sweep.eps)))
     return out
 
 
@@ -216,7 +233,7 @@ def _per_example(item: Work) -> tuple[int, str]:
         a = item.resolved()
         if a.method in GRADIENT_FREE:  # Square: `steps` is the query budget, one forward pass each
             return a.steps, f"{a.method} {a.steps:,} {'query' if a.steps == 1 else 'queries'}"
-        runs = a.restarts + 1
+        runs = (a.restarts + 1) * (APGD_TARGET_CLASSES if a.method in MULTI_TARGETED else 1)  # a run per target
         return a.steps * runs, f"{a.method} {_plural(a.steps, 'step')}" + (f" × {runs:,} runs" if runs > 1 else "")
     if isinstance(item, InversionConfig):
         return item.steps, f"inversion {_plural(item.steps, 'step')}"

@@ -295,7 +295,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             added = out.robust.add(attack=convert.attack_spec(row.config), robust_accuracy=row.robust_accuracy,
                                    robust_correct=row.robust_correct, total=row.total, success_rate=row.success_rate,
                                    per_class_robust_accuracy=row.per_class, wall_seconds=row.wall_seconds,
-                                   mean_queries=row.mean_queries)
+                                   mean_queries=row.mean_queries, suite=row.suite)
             convert.interval(added.robust_accuracy_ci, row.robust_correct, row.total)
         masking = gradient_masking_notes(rep.rows)
         out.gradient_masking_suspected = bool(masking)
