@@ -64,3 +64,37 @@ def require_module(name: str, install_hint: str):
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+# ---------------------------------------------------------------- a two-class linear model with known margins
+LINEAR_DIM = 64     # inputs [1, 8, 8]
+LINEAR_MARGIN = 0.5  # |f(x)| of linear_points: the minimal perturbation is MARGIN / ||w||_dual
+
+
+def linear_model(seed: int = 0):
+    """Two classes whose logit difference is exactly f(x) = w.x + b; returns (model, w, b)."""
+    import torch
+
+    from advex.engine import zoo
+    from advex.engine.models import ModelInfo, ModelWrapper
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(LINEAR_DIM, generator=g)
+    b = 0.3
+    net = zoo.Linear(LINEAR_DIM, 2)
+    with torch.no_grad():
+        net.head.weight.copy_(torch.stack([-w / 2, w / 2]))
+        net.head.bias.copy_(torch.tensor([-b / 2, b / 2]))
+    return ModelWrapper(net, ModelInfo("linear", (1, 8, 8), 2)).eval(), w, b
+
+
+def linear_points(w, b, n: int = 100, seed: int = 1):
+    """Points well inside [0,1] with |f(x)| = LINEAR_MARGIN, half on each side: (x [n,1,8,8], y)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = 0.35 + 0.3 * torch.rand((n, LINEAR_DIM), generator=g)
+    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    x = x + ((side * LINEAR_MARGIN - (x @ w + b)) / w.dot(w)).unsqueeze(1) * w
+    assert x.min() > 0.1 and x.max() < 0.9
+    return x.view(n, 1, 8, 8), (side > 0).long()

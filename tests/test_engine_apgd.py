@@ -14,32 +14,9 @@ from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.objectives import dlr_loss
 from advex.engine.threat import per_example_norm
 
-from conftest import require_module
+from conftest import LINEAR_DIM, LINEAR_MARGIN, linear_model, linear_points, require_module
 
-D = 64
-MARGIN = 0.5
-
-
-def linear_model(seed: int = 0):
-    """Two classes whose logit difference is exactly f(x) = w.x + b."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(D, generator=g)
-    b = 0.3
-    net = zoo.Linear(D, 2)
-    with torch.no_grad():
-        net.head.weight.copy_(torch.stack([-w / 2, w / 2]))
-        net.head.bias.copy_(torch.tensor([-b / 2, b / 2]))
-    return ModelWrapper(net, ModelInfo("linear", (1, 8, 8), 2)).eval(), w, b
-
-
-def linear_points(w, b, n: int = 100, seed: int = 1):
-    """Points well inside [0,1] with |f(x)| = MARGIN, half on each side."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.35 + 0.3 * torch.rand((n, D), generator=g)
-    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
-    x = x + ((side * MARGIN - (x @ w + b)) / w.dot(w)).unsqueeze(1) * w
-    assert x.min() > 0.1 and x.max() < 0.9
-    return x.view(n, 1, 8, 8), (side > 0).long()
+D, MARGIN = LINEAR_DIM, LINEAR_MARGIN
 
 
 # ------------------------------------------------------------------ 1. closed form on a linear model

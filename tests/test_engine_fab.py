@@ -13,10 +13,9 @@ from advex.engine.fab import fab, project_hyperplane_box
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.threat import per_example_norm
 
-from conftest import require_module
+from conftest import LINEAR_DIM, LINEAR_MARGIN, linear_model, linear_points, require_module
 
-D = 64
-MARGIN = 0.5
+D, MARGIN = LINEAR_DIM, LINEAR_MARGIN
 DUAL = {"Linf": 1.0, "L2": 2.0}
 P = {"Linf": math.inf, "L2": 2.0}
 
@@ -86,32 +85,10 @@ def test_projection_without_box_and_when_the_box_misses_the_hyperplane(norm):
 
 # ------------------------------------------------------------------ 2. known minimal distances
 
-def linear_model(seed: int = 0):
-    """Two classes whose logit difference is exactly f(x) = w.x + b."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(D, generator=g)
-    b = 0.3
-    net = zoo.Linear(D, 2)
-    with torch.no_grad():
-        net.head.weight.copy_(torch.stack([-w / 2, w / 2]))
-        net.head.bias.copy_(torch.tensor([-b / 2, b / 2]))
-    return ModelWrapper(net, ModelInfo("linear", (1, 8, 8), 2)).eval(), w, b
-
-
-def linear_points(w, b, n: int = 40, seed: int = 1):
-    """Points well inside [0,1] with |f(x)| = MARGIN, half on each side."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.35 + 0.3 * torch.rand((n, D), generator=g)
-    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
-    x = x + ((side * MARGIN - (x @ w + b)) / w.dot(w)).unsqueeze(1) * w
-    assert x.min() > 0.1 and x.max() < 0.9
-    return x.view(n, 1, 8, 8), (side > 0).long()
-
-
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_two_class_linear_model_minimal_distance_is_exact(norm):
     model, w, b = linear_model()
-    x, y = linear_points(w, b)
+    x, y = linear_points(w, b, n=40)
     minimal = MARGIN / float(w.norm(p=DUAL[norm]))
     out = fab(model, x, y, norm=norm, steps=10, target_classes=1)
     assert out.success.all()
