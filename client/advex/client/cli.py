@@ -170,7 +170,8 @@ def cmd_attack(args) -> int:
 def cmd_evaluate(args) -> int:
     attacks = args.attack or []
     op = _client(args).evaluate(args.model, args.dataset, split=args.split, limit=args.limit, attacks=attacks,
-                                batch_size=args.batch_size, suite=args.suite)
+                                batch_size=args.batch_size, suite=args.suite,
+                                minimal_distance=args.minimal_distance or ())
     result, code = _wait_result(op, args.wait)
     if result is None:
         return code
@@ -184,6 +185,14 @@ def cmd_evaluate(args) -> int:
         rows.append([f"{name} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}",
                      fmt_ci(r, "robust_accuracy_ci")])
     print(table(["attack", "eps", "accuracy", "95% CI"], rows))
+    for curve in result.distance_curves:
+        norm = "L2" if curve.norm == 2 else "Linf"
+        points = list(curve.points)
+        shown = [points[round(k * (len(points) - 1) / 7)] for k in range(8)] if len(points) > 8 else points
+        print(f"\nminimal {norm} distance ({curve.method}): median {curve.median_distance:.4g}; robust accuracy "
+              "at every eps from one run")
+        print(table(["eps", "accuracy", "95% CI"],
+                    [[f"{p.eps:.4g}", f"{p.robust_accuracy:.2%}", fmt_ci(p, "robust_accuracy_ci")] for p in shown]))
     return 0
 
 
@@ -425,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=0)
     e.add_argument("--attack", type=_attack_arg, action="append",
                    help="e.g. norm=L2,eps=0.25:0.5,steps=20 (repeatable); with --suite only norm, eps and seed")
+    e.add_argument("--minimal-distance", action="append", choices=["L2", "Linf"],
+                   help="measure each example's smallest adversarial perturbation in this norm (FAB-T) and print "
+                        "robust accuracy at every eps (repeatable)")
     e.add_argument("--suite", default="", choices=["", "pgd", "autoattack-fast", "autoattack"],
                    help="a standard suite run as a cascade at each eps: autoattack (APGD-CE, APGD-T, FAB-T, Square "
                         "5000 queries), autoattack-fast (APGD-CE, APGD-T) or pgd (PGD-50)")

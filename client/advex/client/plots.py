@@ -1,6 +1,6 @@
 """Charts for people, drawn with matplotlib (the `plot` extra): Figure 2 of Ilyas et al. (grouped
-accuracy bars at every evaluated eps, with the paper's numbers marked) and a labelled scatter with a
-least-squares line (§3.3's transfer plot).
+accuracy bars at every evaluated eps, with the paper's numbers marked), a labelled scatter with a
+least-squares line (§3.3's transfer plot), and a robustness curve from minimal distances.
 
 matplotlib is imported inside the functions only, so `import advex.client.plots` costs nothing and
 works without it; `missing_plot_extra()` says what to install. Figures are made with
@@ -193,6 +193,37 @@ def scatter(points: Sequence[tuple[str, Optional[float], Optional[float]]], path
         if lines:
             ax.set_title("\n".join(textwrap.fill(line, 100) for line in lines), fontsize=9, color="0.35")
         _place_point_labels(fig, ax, valid)
+        _save(fig, path)
+    return fig
+
+
+def robustness_curve(curve, path: str | Path, *, clean_accuracy: Optional[float] = None, title: str = "") -> "Figure":
+    """Robust accuracy at every eps from one minimal-distance run (an advex.v1.DistanceCurve of
+    Evaluate's result): a step line with its 95% band, clean accuracy at eps 0."""
+    from matplotlib import rc_context
+    from matplotlib.ticker import PercentFormatter
+
+    norm = "L2" if curve.norm == 2 else "Linf"
+    points = list(curve.points)
+    start = clean_accuracy if clean_accuracy is not None else (points[0].robust_accuracy if points else 0.0)
+    eps = [0.0] + [p.eps for p in points]
+    acc = [start] + [p.robust_accuracy for p in points]
+    lower = [start] + [p.robust_accuracy_ci.lower for p in points]
+    upper = [start] + [p.robust_accuracy_ci.upper for p in points]
+    with rc_context(_STYLE):
+        fig, ax = _figure(6.4, 4.2)
+        ax.fill_between(eps, lower, upper, step="post", color=_BLUE, alpha=0.18, lw=0, label="95% interval")
+        ax.step(eps, acc, where="post", color=_BLUE, lw=1.8, label=f"robust accuracy ({curve.method})", gid="curve")
+        ax.set_ylim(0, 1)
+        ax.set_xlim(0, max(eps) * 1.02 if max(eps) > 0 else 1.0)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.grid(True)
+        ax.set_xlabel(f"{norm} radius eps")
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper right")
+        ax.set_title(f"median minimal {norm} distance {curve.median_distance:.3g}", fontsize=9, color="0.35")
+        if title:
+            fig.suptitle(title, fontweight="bold")
         _save(fig, path)
     return fig
 

@@ -229,16 +229,23 @@ class Client:
 
     # ------------------------------------------------------------------ Evaluate / Train
     def evaluate(self, model_id: str, dataset_id: str, *, attacks: Iterable[Mapping] = (), split: str = "",
-                 limit: int = 0, batch_size: int = 0, surrogate_model_id: str = "", suite: str = "") -> Operation:
+                 limit: int = 0, batch_size: int = 0, surrogate_model_id: str = "", suite: str = "",
+                 minimal_distance: Sequence[str] = ()) -> Operation:
         """attacks: dicts like {"norm": "L2", "eps": [0.25, 0.5], "steps": 20, "method": "pgd"}.
         suite: "autoattack" (APGD-CE, APGD-T, FAB-T, Square), "autoattack-fast" (APGD-CE then
         APGD-T) or "pgd" (PGD-50), run as a cascade at each
         radius; attacks then give only norm, eps (and seed), e.g. {"norm": "Linf", "eps": [8/255]},
         and each result row names the suite (its robust accuracy is what is left after it).
         surrogate_model_id: for a model without gradients (ONNX), craft white-box attacks on this
-        torch model and judge them on the evaluated one (transfer attacks)."""
+        torch model and judge them on the evaluated one (transfer attacks).
+        minimal_distance: norms ("Linf", "L2") at which FAB-T measures each example's smallest
+        adversarial perturbation: result.distance_curves holds them and robust accuracy at every eps."""
         req = rpc.EvaluateRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit,
                                   batch_size=batch_size, surrogate_model_id=surrogate_model_id, suite=suite)
+        for norm in minimal_distance:
+            if norm.lower() not in NORMS:
+                raise ValueError(f"minimal_distance: norm must be 'L2' or 'Linf', got {norm!r}")
+            req.minimal_distance.append(NORMS[norm.lower()])
         for a in attacks:
             a = dict(a)
             if suite:

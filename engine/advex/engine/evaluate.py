@@ -179,6 +179,42 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
     return report
 
 
+MAX_CURVE_POINTS = 256
+
+
+def minimal_distances(model: ModelWrapper, data: ArrayDataset, norm: str, *, steps: int = 100, batch_size: int = 256,
+                      device: torch.device | str = "cpu", seed: int = 0,
+                      on_progress: Optional[ProgressFn] = None) -> torch.Tensor:
+    """The smallest adversarial perturbation FAB-T finds per example (float32 [N], in `norm`):
+    0 where the model is wrong already, inf where none was found. Robust accuracy at any eps is
+    then the fraction with distance > eps (an upper bound, like every attack's)."""
+    from advex.engine.fab import fab
+
+    model.eval()
+    pred = clean_predictions(model, data, batch_size, device)
+    distance = torch.zeros(len(data))
+    idx = (pred == data.y).nonzero().flatten()
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start:start + batch_size]
+        x, y = batch_float(data.x[rows]).to(device), data.y[rows].to(device)
+        res = fab(model.logits, x, y, norm=norm, eps=None, steps=steps, box=data.box, seed=seed + start,
+                  early_stop=False)
+        distance[rows] = res.distance.float().cpu()
+        if on_progress is not None:
+            on_progress(start + len(rows), len(idx), f"fab-t {norm} minimal distance")
+    return distance
+
+
+def robustness_curve(distance: torch.Tensor, max_points: int = MAX_CURVE_POINTS) -> list[tuple[float, int]]:
+    """(eps, robust count) where the count changes: at eps = a distance d, the examples whose
+    distance is <= d are broken. At most max_points points, evenly spread by rank."""
+    finite = distance[torch.isfinite(distance) & (distance > 0)].unique()  # sorted
+    if finite.numel() == 0:
+        return []
+    keep = torch.unique(torch.linspace(0, finite.numel() - 1, min(max_points, finite.numel())).round().long())
+    return [(float(finite[k]), int((distance > finite[k]).sum())) for k in keep]
+
+
 def gradient_masking_notes(rows: list[RobustRow]) -> list[str]:
     """Where a black-box attack breaks more examples than every white-box attack at the same
     (norm, eps), gradients are likely masked (Athalye et al., 2018): say so, with the numbers."""

@@ -97,8 +97,36 @@ class WorstCase(_message.Message):
     robust_accuracy_ci: Interval
     def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., robust_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
+class CurvePoint(_message.Message):
+    __slots__ = ("eps", "robust_accuracy", "robust_correct", "robust_accuracy_ci")
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
+    eps: float
+    robust_accuracy: float
+    robust_correct: int
+    robust_accuracy_ci: Interval
+    def __init__(self, eps: _Optional[float] = ..., robust_accuracy: _Optional[float] = ..., robust_correct: _Optional[int] = ..., robust_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+
+class DistanceCurve(_message.Message):
+    __slots__ = ("norm", "method", "per_example", "points", "median_distance", "wall_seconds")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PER_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    norm: Norm
+    method: str
+    per_example: _tensor_pb2.Tensor
+    points: _containers.RepeatedCompositeFieldContainer[CurvePoint]
+    median_distance: float
+    wall_seconds: float
+    def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., method: _Optional[str] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., points: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ..., median_distance: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+
 class EvaluateResult(_message.Message):
-    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped", "clean_accuracy_ci")
+    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped", "clean_accuracy_ci", "distance_curves")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +144,7 @@ class EvaluateResult(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     CLEAN_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_CURVES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_sha256: str
     dataset_id: str
@@ -133,7 +162,8 @@ class EvaluateResult(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedAttack]
     clean_accuracy_ci: Interval
-    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ..., clean_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+    distance_curves: _containers.RepeatedCompositeFieldContainer[DistanceCurve]
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ..., clean_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ..., distance_curves: _Optional[_Iterable[_Union[DistanceCurve, _Mapping]]] = ...) -> None: ...
 
 class EpochStats(_message.Message):
     __slots__ = ("epoch", "train_loss", "train_accuracy", "train_robust_accuracy", "lr", "wall_seconds")

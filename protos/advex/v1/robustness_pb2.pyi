@@ -54,7 +54,7 @@ class AttackSweep(_message.Message):
     def __init__(self, attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., eps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("model_id", "dataset_id", "split", "limit", "attacks", "batch_size", "surrogate_model_id", "suite")
+    __slots__ = ("model_id", "dataset_id", "split", "limit", "attacks", "batch_size", "surrogate_model_id", "suite", "minimal_distance")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class EvaluateRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SURROGATE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SUITE_FIELD_NUMBER: _ClassVar[int]
+    MINIMAL_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dataset_id: str
     split: str
@@ -71,7 +72,8 @@ class EvaluateRequest(_message.Message):
     batch_size: int
     surrogate_model_id: str
     suite: str
-    def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., attacks: _Optional[_Iterable[_Union[AttackSweep, _Mapping]]] = ..., batch_size: _Optional[int] = ..., surrogate_model_id: _Optional[str] = ..., suite: _Optional[str] = ...) -> None: ...
+    minimal_distance: _containers.RepeatedScalarFieldContainer[_results_pb2.Norm]
+    def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., attacks: _Optional[_Iterable[_Union[AttackSweep, _Mapping]]] = ..., batch_size: _Optional[int] = ..., surrogate_model_id: _Optional[str] = ..., suite: _Optional[str] = ..., minimal_distance: _Optional[_Iterable[_Union[_results_pb2.Norm, str]]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("architecture", "dataset_id", "split", "limit", "preset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "lr_step_epochs", "lr_gamma", "augment", "adversarial", "seed", "name", "mean", "std", "arch_args")

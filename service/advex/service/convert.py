@@ -100,6 +100,18 @@ def sweeps(request: rpc.EvaluateRequest, cfg: ServerConfig, dim: int, boxed: boo
     return out
 
 
+def distance_norms(request: rpc.EvaluateRequest) -> list[str]:
+    """EvaluateRequest.minimal_distance as norm names: each L2 or LINF, each once."""
+    norms = []
+    for k, norm in enumerate(request.minimal_distance):
+        if norm not in NORM_NAMES:
+            raise invalid(f"minimal_distance[{k}]", "must be L2 or LINF")
+        if NORM_NAMES[norm] in norms:
+            raise invalid(f"minimal_distance[{k}]", f"{NORM_NAMES[norm]} is listed twice")
+        norms.append(NORM_NAMES[norm])
+    return norms
+
+
 def inline_batch(request: rpc.AttackRequest, model: res.Model, cfg: ServerConfig) -> tuple[np.ndarray, np.ndarray]:
     """x as float32 (uint8 scaled to [0,1]) and y as int64, both checked against the model."""
     try:

@@ -23,9 +23,9 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from advex.engine import zoo
-from advex.engine.attacks import GRADIENT_FREE, attack
+from advex.engine.attacks import GRADIENT_FREE, AttackConfig, attack
 from advex.engine.builders import BuildConfig, build, summarize
-from advex.engine.evaluate import EvalReport, evaluate, gradient_masking_notes
+from advex.engine.evaluate import EvalReport, evaluate, gradient_masking_notes, minimal_distances, robustness_curve
 from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.onnx_model import export_onnx
 from advex.engine.train import TrainState, load_state, save_state, train
@@ -52,6 +52,7 @@ REQUEST_TYPES = {m.name: message_factory.GetMessageClass(m.input_type) for m in 
 MAX_STATUS_BYTES = 1024  # status messages travel in HTTP/2 trailers: keep them well under the 8 KiB limit
 MAX_TRANSFER_MODELS = 16  # sources, and targets, of one TransferRate
 MAX_WAIT_S = 60.0  # longest WaitOperation; the SDK waits in rounds of 30 s
+DISTANCE_STEPS = 100  # FAB-T's steps for minimal distances (AutoAttack's standard)
 
 
 def _clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
@@ -258,8 +259,13 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                             "surrogate_model_id to craft it on a torch model (transfer)") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
             sweeps = [sw for sw in sweeps if sw.config.method in GRADIENT_FREE]
         batch_size = request.batch_size or 256
+        distance_norms = convert.distance_norms(request)
+        if distance_norms and not model.has_gradients:
+            raise precondition(f"minimal_distance: model {model.id!r} is an ONNX graph without gradients; FAB-T, "
+                               "which measures minimal distances, needs them")
+        fab_configs = [AttackConfig(norm=norm, method="fab-t", steps=DISTANCE_STEPS) for norm in distance_norms]
         convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit),
-                           [c for sw in sweeps for c in sw.configs()])
+                           [c for sw in sweeps for c in sw.configs()] + fab_configs)
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
@@ -278,6 +284,19 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             for sweep, reason in skipped:
                 for cfg in sweep.configs():
                     result.skipped.add(attack=convert.attack_spec(cfg), reason=reason)
+            for norm in distance_norms:
+                t1 = time.perf_counter()
+                distance = minimal_distances(wrapper, data, norm, steps=DISTANCE_STEPS, batch_size=batch_size,
+                                             device=self.device,
+                                             on_progress=lambda d, t, s: ctx.progress(d, t, "images", s))
+                curve = result.distance_curves.add(norm=convert.NORM_ENUM[norm], method="fab-t",
+                                                   per_example=to_tensor(distance.numpy()),
+                                                   median_distance=float(distance.median()) if len(distance) else 0.0)
+                for eps, robust in robustness_curve(distance):
+                    point = curve.points.add(eps=eps, robust_correct=robust,
+                                             robust_accuracy=robust / len(distance))
+                    convert.interval(point.robust_accuracy_ci, robust, len(distance))
+                curve.wall_seconds = time.perf_counter() - t1
             return "evaluate", result
 
         used = {("model", model.id), ("dataset", dataset.id)} | ({("model", surrogate.id)} if surrogate else set())
