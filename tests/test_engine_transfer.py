@@ -52,3 +52,32 @@ def test_exact_copy_and_denominators(data, targeted):
     # the source-side counts do not depend on the target
     assert to_twin.successful_on_source == to_other.successful_on_source
     assert to_twin.correct_on_source == to_other.correct_on_source == 90  # 30 of 120 mislabelled
+
+
+class Constant(torch.nn.Module):
+    """Always class k, whatever the input (a target that is wrong on every x of another class)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 5)
+        out[:, self.k] = 1.0
+        return out + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_a_targets_own_clean_errors_are_not_transfer_in_the_conditional_rate(data):
+    """The constant model is wrong on every example whose label is not k, adversarial or not: the
+    plain transfer rate counts those source successes as transferred; the paper's conditional
+    rate looks only at examples the target gets right (label k), where nothing fools it."""
+    source = model(0)
+    k = int(data.y.mode().values)
+    target = ModelWrapper(Constant(k), ModelInfo("linear", (1, 6, 6), 5)).eval()
+    c = transfer_rates([source], [target], data, AttackConfig(norm="L2", eps=0.5, steps=10), batch_size=32)[0][0]
+    assert c.successful_on_source > 0 and c.transfer_rate > 0.5
+    assert 0 < c.successful_target_correct <= int((data.y == k).sum())
+    assert c.transferred_target_correct == 0 and c.conditional_transfer_rate == 0.0
+    twin = transfer_rates([source], [copy.deepcopy(source)], data, AttackConfig(norm="L2", eps=0.5, steps=10),
+                          batch_size=32)[0][0]
+    assert twin.conditional_transfer_rate == 1.0  # a copy: every success transfers, conditioned or not

@@ -59,6 +59,10 @@ def test_evaluate_and_transfer_results_carry_the_intervals_of_their_counts(clien
     assert ci(pair, "white_box_success_rate_ci") == pytest.approx(
         clopper_pearson(pair.successful_on_source, pair.correct_on_source))
     assert ci(pair, "transfer_rate_ci") == pytest.approx(clopper_pearson(pair.transferred, pair.successful_on_source))
+    assert pair.successful_target_correct > 0 and ci(pair, "conditional_transfer_rate_ci") == pytest.approx(
+        clopper_pearson(pair.transferred_target_correct, pair.successful_target_correct))
+    assert pair.conditional_transfer_rate == pytest.approx(
+        pair.transferred_target_correct / pair.successful_target_correct)
     assert ci(pair, "unconditional_rate_ci") == pytest.approx(
         clopper_pearson(pair.fooled_target, pair.correct_on_target))
 

@@ -232,11 +232,13 @@ def cmd_transfer(args) -> int:
     result, code = _wait_result(op, args.wait)
     if result is None:
         return code
-    print(table(["source", "target", "white-box", "transfer rate", "95% CI", "unconditional", "successes",
-                 "transferred"],
+    print(table(["source", "target", "white-box", "transfer rate", "95% CI", "if target right on x", "95% CI",
+                 "unconditional", "successes", "transferred"],
                 [[p.source_model_id, p.target_model_id,
                   fmt_rate(rate(p.successful_on_source, p.examples if args.targeted else p.correct_on_source)),
                   fmt_rate(rate(p.transferred, p.successful_on_source)), fmt_ci(p, "transfer_rate_ci"),
+                  fmt_rate(rate(p.transferred_target_correct, p.successful_target_correct)),
+                  fmt_ci(p, "conditional_transfer_rate_ci"),
                   fmt_rate(rate(p.fooled_target, p.examples if args.targeted else p.correct_on_target)),
                   p.successful_on_source, p.transferred] for p in result.pairs]))
     print(f"\n{result.definition}")

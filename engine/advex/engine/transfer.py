@@ -10,6 +10,9 @@ Adversarial examples are crafted once per source model and reused for every targ
 - transferred: successes on the source that also fool the target (untargeted: the target
   misclassifies x_adv; targeted: the target assigns x_adv to t);
 - transfer rate = transferred / successful_on_source;
+- conditional transfer rate (the paper's reading): the same among the examples the target
+  classifies correctly on x, so that a target's own clean errors do not count as transferred:
+  transferred_target_correct / successful_target_correct;
 - unconditional rate: untargeted, the fraction of the target's clean-correct examples that the
   source's x_adv makes it misclassify; targeted, the fraction of all x_adv it assigns to t.
 
@@ -29,6 +32,7 @@ from advex.engine.models import ModelWrapper
 
 DEFINITION = (
     "transfer rate = (source successes that also fool the target) / (source successes); "
+    "conditional transfer rate = the same among examples the target classifies correctly on x; "
     "white-box success rate = source successes / source clean-correct (targeted: / examples); "
     "unconditional rate = target clean-correct examples misclassified on the source's x_adv / target clean-correct "
     "(targeted: x_adv assigned to t by the target / examples). Untargeted success: correct on x, wrong on x_adv; "
@@ -43,6 +47,8 @@ class PairCounts:
     successful_on_source: int = 0
     transferred: int = 0
     fooled_target: int = 0          # numerator of the unconditional rate
+    successful_target_correct: int = 0   # source successes on examples the target gets right on x
+    transferred_target_correct: int = 0  # ... that also fool the target
     targeted: bool = False
 
     def fractions(self) -> dict[str, tuple[int, int]]:
@@ -50,6 +56,7 @@ class PairCounts:
         return {"white_box_success_rate": (self.successful_on_source,
                                            self.examples if self.targeted else self.correct_on_source),
                 "transfer_rate": (self.transferred, self.successful_on_source),
+                "conditional_transfer_rate": (self.transferred_target_correct, self.successful_target_correct),
                 "unconditional_rate": (self.fooled_target, self.examples if self.targeted else self.correct_on_target)}
 
     def _rate(self, name: str) -> float:
@@ -63,6 +70,10 @@ class PairCounts:
     @property
     def transfer_rate(self) -> float:
         return self._rate("transfer_rate")
+
+    @property
+    def conditional_transfer_rate(self) -> float:
+        return self._rate("conditional_transfer_rate")
 
     @property
     def unconditional_rate(self) -> float:
@@ -103,6 +114,8 @@ def transfer_rates(sources: Sequence[ModelWrapper], targets: Sequence[ModelWrapp
                 c.correct_on_target += int(tgt_ok.sum())
                 c.successful_on_source += int(success.sum())
                 c.transferred += int((success & fooled).sum())
+                c.successful_target_correct += int((success & tgt_ok).sum())
+                c.transferred_target_correct += int((success & tgt_ok & fooled).sum())
                 c.fooled_target += int(fooled.sum()) if cfg.targeted else int((tgt_ok & fooled).sum())
             done += rows.stop - rows.start
             if on_progress is not None:

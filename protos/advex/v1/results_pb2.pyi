@@ -224,7 +224,7 @@ class DatasetBuildResult(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., mode: _Optional[str] = ..., num_examples: _Optional[int] = ..., target_hit_rate: _Optional[float] = ..., mean_l2: _Optional[float] = ..., max_l2: _Optional[float] = ..., feature_distance_mean: _Optional[float] = ..., feature_distance_p95: _Optional[float] = ..., feature_distance_start_mean: _Optional[float] = ..., mean_l2_from_start: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
 
 class TransferPair(_message.Message):
-    __slots__ = ("source_model_id", "target_model_id", "examples", "correct_on_source", "correct_on_target", "successful_on_source", "transferred", "fooled_target", "white_box_success_rate", "transfer_rate", "unconditional_rate", "white_box_success_rate_ci", "transfer_rate_ci", "unconditional_rate_ci")
+    __slots__ = ("source_model_id", "target_model_id", "examples", "correct_on_source", "correct_on_target", "successful_on_source", "transferred", "fooled_target", "white_box_success_rate", "transfer_rate", "unconditional_rate", "white_box_success_rate_ci", "transfer_rate_ci", "unconditional_rate_ci", "successful_target_correct", "transferred_target_correct", "conditional_transfer_rate", "conditional_transfer_rate_ci")
     SOURCE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,10 @@ class TransferPair(_message.Message):
     WHITE_BOX_SUCCESS_RATE_CI_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_RATE_CI_FIELD_NUMBER: _ClassVar[int]
     UNCONDITIONAL_RATE_CI_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSFUL_TARGET_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_TARGET_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONAL_TRANSFER_RATE_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONAL_TRANSFER_RATE_CI_FIELD_NUMBER: _ClassVar[int]
     source_model_id: str
     target_model_id: str
     examples: int
@@ -253,7 +257,11 @@ class TransferPair(_message.Message):
     white_box_success_rate_ci: Interval
     transfer_rate_ci: Interval
     unconditional_rate_ci: Interval
-    def __init__(self, source_model_id: _Optional[str] = ..., target_model_id: _Optional[str] = ..., examples: _Optional[int] = ..., correct_on_source: _Optional[int] = ..., correct_on_target: _Optional[int] = ..., successful_on_source: _Optional[int] = ..., transferred: _Optional[int] = ..., fooled_target: _Optional[int] = ..., white_box_success_rate: _Optional[float] = ..., transfer_rate: _Optional[float] = ..., unconditional_rate: _Optional[float] = ..., white_box_success_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., transfer_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., unconditional_rate_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+    successful_target_correct: int
+    transferred_target_correct: int
+    conditional_transfer_rate: float
+    conditional_transfer_rate_ci: Interval
+    def __init__(self, source_model_id: _Optional[str] = ..., target_model_id: _Optional[str] = ..., examples: _Optional[int] = ..., correct_on_source: _Optional[int] = ..., correct_on_target: _Optional[int] = ..., successful_on_source: _Optional[int] = ..., transferred: _Optional[int] = ..., fooled_target: _Optional[int] = ..., white_box_success_rate: _Optional[float] = ..., transfer_rate: _Optional[float] = ..., unconditional_rate: _Optional[float] = ..., white_box_success_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., transfer_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., unconditional_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., successful_target_correct: _Optional[int] = ..., transferred_target_correct: _Optional[int] = ..., conditional_transfer_rate: _Optional[float] = ..., conditional_transfer_rate_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class TransferRateResult(_message.Message):
     __slots__ = ("definition", "attack", "dataset_id", "split", "pairs", "wall_seconds", "device")

@@ -605,7 +605,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                         correct_on_source=c.correct_on_source, correct_on_target=c.correct_on_target,
                         successful_on_source=c.successful_on_source, transferred=c.transferred,
                         fooled_target=c.fooled_target, white_box_success_rate=c.white_box_success_rate,
-                        transfer_rate=c.transfer_rate, unconditional_rate=c.unconditional_rate)
+                        transfer_rate=c.transfer_rate, unconditional_rate=c.unconditional_rate,
+                        successful_target_correct=c.successful_target_correct,
+                        transferred_target_correct=c.transferred_target_correct,
+                        conditional_transfer_rate=c.conditional_transfer_rate)
                     for name, (k, n) in c.fractions().items():
                         convert.interval(getattr(pair, name + "_ci"), k, n)
             out.wall_seconds = time.perf_counter() - t0
