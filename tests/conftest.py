@@ -98,3 +98,48 @@ def linear_points(w, b, n: int = 100, seed: int = 1):
     x = x + ((side * LINEAR_MARGIN - (x @ w + b)) / w.dot(w)).unsqueeze(1) * w
     assert x.min() > 0.1 and x.max() < 0.9
     return x.view(n, 1, 8, 8), (side > 0).long()
+
+
+# ---------------------------------------------------------------- a ten-class model to compare attacks on
+def ten_class_data(n: int, seed: int):
+    """Images 1x8x8 in [0,1]: a fixed random prototype per class plus Gaussian noise."""
+    import torch
+
+    protos = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(123))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return (0.25 + 0.5 * protos[y] + 0.2 * torch.randn((n, 1, 8, 8), generator=g)).clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a busy machine for cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ten_class_model(one_thread):
+    """An MLP trained on ten_class_data: a model the reference attacks can be compared on."""
+    import torch
+
+    from advex.engine import zoo
+    from advex.engine.models import ModelInfo, ModelWrapper
+
+    x, y = ten_class_data(3000, seed=1)
+    torch.manual_seed(0)
+    model = ModelWrapper(zoo.build("mlp", (1, 8, 8), 10), ModelInfo("mlp", (1, 8, 8), 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(10):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 100):
+            batch = perm[i:i + 100]
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

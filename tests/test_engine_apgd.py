@@ -8,13 +8,11 @@ from fractions import Fraction
 import pytest
 import torch
 
-from advex.engine import zoo
 from advex.engine.apgd import apgd, checkpoint_fractions, checkpoints, halve_step
-from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.objectives import dlr_loss
 from advex.engine.threat import per_example_norm
 
-from conftest import LINEAR_DIM, LINEAR_MARGIN, linear_model, linear_points, require_module
+from conftest import LINEAR_DIM, LINEAR_MARGIN, linear_model, linear_points, require_module, ten_class_data
 
 D, MARGIN = LINEAR_DIM, LINEAR_MARGIN
 
@@ -161,40 +159,6 @@ def test_early_stop_spends_nothing_on_misclassified_inputs():
 
 
 # ------------------------------------------------------------------ 5. agreement with torchattacks
-
-def ten_class_data(n: int, seed: int):
-    """Images 1x8x8 in [0,1]: a fixed random prototype per class plus Gaussian noise."""
-    protos = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(123))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return (0.25 + 0.5 * protos[y] + 0.2 * torch.randn((n, 1, 8, 8), generator=g)).clamp(0, 1), y
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ten_class_model(one_thread):
-    x, y = ten_class_data(3000, seed=1)
-    torch.manual_seed(0)
-    model = ModelWrapper(zoo.build("mlp", (1, 8, 8), 10), ModelInfo("mlp", (1, 8, 8), 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(10):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 100):
-            batch = perm[i:i + 100]
-            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
 
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.09), ("L2", 0.6)])
 @pytest.mark.parametrize("loss,targeted", [("ce", False), ("dlr", False), ("dlr", True)])
