@@ -183,3 +183,15 @@ def test_robust_accuracy_agrees_with_torchattacks(ten_class_model, norm, eps, lo
     assert abs(ours_robust - peer_robust) <= 0.03, (ours_robust, peer_robust)
     dist = per_example_norm(ours.x - x, math.inf if norm == "Linf" else 2.0)
     assert (dist <= eps * (1 + 1e-5)).all() and ours.x.min() >= 0 and ours.x.max() <= 1
+
+
+def test_dlr_on_a_two_class_model_runs_as_cross_entropy():
+    """DLR needs 3 classes (targeted: 4): on a 2-class model APGD-DLR and APGD-T fall back to
+    cross-entropy, as AutoAttack does, and still find the linear model's adversarial examples."""
+    model, w, b = linear_model()
+    x, y = linear_points(w, b, n=10)
+    eps = 1.05 * MARGIN / float(w.norm(p=1.0))
+    for targeted in (False, True):
+        out = apgd(model.logits, x, y, norm="Linf", eps=eps, steps=20, loss="dlr", targeted=targeted)
+        ce = apgd(model.logits, x, y, norm="Linf", eps=eps, steps=20, loss="ce", targeted=targeted)
+        assert out.success.all() and torch.equal(out.x, ce.x)

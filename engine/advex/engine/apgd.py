@@ -106,6 +106,7 @@ def apgd(
     restarts: extra runs from fresh random starts (APGD-T: per target class).
     targeted: APGD-T, one run (times 1 + restarts) for each of the `target_classes` classes with the
     highest clean logits other than y; loss "dlr" is the targeted DLR loss, "ce" -CE(f(x'), t).
+    DLR needs 3 classes (targeted: 4); with fewer, loss "dlr" runs as cross-entropy, as AutoAttack does.
     box: None for unbounded (REAL-domain) inputs.
     early_stop: only attack inputs still classified correctly (clean misclassified ones are not
     attacked; an example leaves the batch at the first checkpoint after it is misclassified, and
@@ -146,8 +147,8 @@ def apgd(
     else:
         ranked = None
         runs = [(-1, r) for r in range(restarts + 1)]
-    if loss == "dlr":  # fail before any work on too few classes
-        dlr_loss(clean_logits[:1], y[:1], None if ranked is None else ranked[:1, 0])
+    if loss == "dlr" and num_classes < (4 if targeted else 3):  # too few classes for DLR: CE, as AutoAttack does
+        loss = "ce"
     total = steps * len(runs)
     intervals = {}
     ws = checkpoints(steps)

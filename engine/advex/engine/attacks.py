@@ -14,7 +14,7 @@ from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted
 from advex.engine.optimize import StepCallback, optimize
 from advex.engine.threat import Box, make_threat_model
 
-# loss, multi-targeted; with fewer classes than DLR needs (3, targeted 4) the loss is cross-entropy
+# loss, multi-targeted (apgd runs DLR as cross-entropy on models with too few classes for it)
 APGD_METHODS = {"apgd-ce": ("ce", False), "apgd-dlr": ("dlr", False), "apgd-t": ("dlr", True)}
 METHODS = ("pgd", "fgsm", "square") + tuple(APGD_METHODS) + ("fab-t",)
 GRADIENT_FREE = ("square",)
@@ -126,10 +126,6 @@ def attack(
         from advex.engine.apgd import apgd
 
         loss, multi_targeted = APGD_METHODS[cfg.method]
-        if loss == "dlr":  # DLR needs 3 classes (its targeted form 4): fewer, and it is CE, as AutoAttack does
-            with torch.no_grad():
-                classes = forward(x[:1]).shape[1]
-            loss = "dlr" if classes >= (4 if multi_targeted else 3) else "ce"
         res = apgd(forward, x, y, norm=cfg.norm, eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts, loss=loss,
                    targeted=multi_targeted, target_classes=APGD_TARGET_CLASSES, box=box, seed=cfg.seed,
                    early_stop=early_stop, on_step=on_step)

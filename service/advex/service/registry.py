@@ -722,8 +722,7 @@ class Registry:
         unfinished (resumable) operation makes is kept. Returns (entries removed, bytes freed)."""
         keep = {"models": {derived_id("m", op) for op in unfinished_ops},
                 "datasets": {derived_id("ds", op) for op in unfinished_ops}}
-        recorded = {"models": {m.id for m in self.store.list_resources("models", res.Model)},
-                    "datasets": {d.id for d in self.store.list_resources("datasets", res.Dataset)}}
+        recorded = {table: self.store.resource_ids(table) for table in ("models", "datasets")}
         orphans = [p for table, folder in (("models", self.models_dir), ("datasets", self.datasets_dir))
                    for p in folder.iterdir() if p.name not in recorded[table] and p.name not in keep[table]]
         if jobs_dir.exists():

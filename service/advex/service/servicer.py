@@ -664,14 +664,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             raise exhausted(f"{self._uploads} uploads are in progress, the limit (max_concurrent_uploads) is "
                             f"{limit}; retry later")
         self._uploads += 1
-        head = None
+        head, sink = None, None
         try:
             sink = UploadSink(self.registry.tmp_dir, self.cfg.max_upload_mb << 20)
-        except BaseException:
-            self._uploads -= 1
-            raise
-        parts = request_iterator.__aiter__()
-        try:
+            parts = request_iterator.__aiter__()
             while True:
                 try:
                     part = await asyncio.wait_for(parts.__anext__(), idle)
@@ -694,7 +690,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             sha = sink.finish()
             return await self.ops.run_interactive(lambda: register(head, sink.path, sha, sink.size))
         finally:
-            sink.discard()
+            if sink is not None:
+                sink.discard()
             self._uploads -= 1
 
     @_guard()

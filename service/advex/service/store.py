@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Type, TypeVar
+from typing import Callable, Optional, Type, TypeVar
 
 from google.protobuf.message import Message
 
@@ -86,12 +86,6 @@ class Store:
             row = self._db.execute("SELECT proto FROM operations WHERE id = ?", (op_id,)).fetchone()
         return row[0] if row else None
 
-    def list_operations(self, kind: str = "", limit: int = 100) -> list[bytes]:
-        sql = "SELECT proto FROM operations" + (" WHERE kind = ?" if kind else "") + " ORDER BY created DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, ((kind,) if kind else ()) + (limit,)).fetchall()
-        return [r[0] for r in rows]
-
     def unfinished_operations(self, states: tuple[int, ...]) -> list[bytes]:
         marks = ",".join("?" * len(states))
         with self._lock:
@@ -113,11 +107,11 @@ class Store:
             row = self._db.execute(f"SELECT proto, path FROM {table} WHERE id = ?", (res_id,)).fetchone()
         return (cls.FromString(row[0]), row[1]) if row else None
 
-    def list_resources(self, table: str, cls: Type[M]) -> Iterator[M]:
+    def resource_ids(self, table: str) -> set[str]:
+        """The ids of every record of `table` (read from its index; no record is loaded)."""
         assert table in RESOURCE_TABLES
         with self._lock:
-            rows = self._db.execute(f"SELECT proto FROM {table} ORDER BY created").fetchall()
-        return (cls.FromString(r[0]) for r in rows)
+            return {row[0] for row in self._db.execute(f"SELECT id FROM {table}")}
 
     def delete_resource(self, table: str, res_id: str) -> bool:
         assert table in RESOURCE_TABLES
