@@ -327,6 +327,10 @@ def test_names_are_bounded_printable_text(client):
     assert msg.startswith("header.name:") and "128" in msg and len(msg) < 400, msg[:500]
     msg = refused(lambda: client.upload_dataset(_npz(), class_names=["a", "b" * 1000]))
     assert msg.startswith("header.class_names[1]:"), msg[:500]
+    # each name within its limit, but together over 1 MiB: every Get and List of the record would carry them
+    many = [f"{k:06d}" + "n" * 120 for k in range(9000)]
+    msg = refused(lambda: client.upload_dataset(_npz(), class_names=many))
+    assert msg.startswith("header.class_names:") and "at most 1048576" in msg, msg[:500]
     msg = refused(lambda: client.upload_model(b"x", format="onnx", name="m\x00"))
     assert msg.startswith("spec.name:"), msg
 

@@ -46,6 +46,7 @@ MAX_DIM = 4096                    # each input dimension
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024   # values per example
 MAX_CLASSES = 100_000
 MAX_LABELS = 64                   # ModelSpec.labels entries
+MAX_CLASS_NAMES_BYTES = 1 << 20   # a dataset's class names together (its record stays well under a page)
 MAX_ARCH_ARGS = 16
 MAX_ZOO_PARAMS = 1 << 28          # parameters of a zoo network built from a spec (1 GiB of float32)
 MAX_ZOO_ACTIVATIONS = 1 << 26     # values of its widest layer, per example
@@ -600,6 +601,10 @@ class Registry:
             raise invalid("header.class_names", f"at most {MAX_CLASSES} names, got {len(header.class_names)}")
         for k, name in enumerate(header.class_names):
             check_text(name, f"header.class_names[{k}]")
+        names_bytes = sum(len(name.encode("utf-8")) for name in header.class_names)
+        if names_bytes > MAX_CLASS_NAMES_BYTES:  # the record travels whole in every Get/List of it
+            raise invalid("header.class_names", f"{names_bytes} bytes of names; at most {MAX_CLASS_NAMES_BYTES} "
+                                                "in all")
         check_npz(file, self.max_dataset_bytes)
         try:
             arrays = data_mod.load_npz(file.read_bytes())
