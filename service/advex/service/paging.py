@@ -29,9 +29,9 @@ from advex.service.errors import invalid
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # A page is cut at this many bytes of items whatever its page_size: the default receive limit of
-# gRPC clients (4 MiB), so that a client with stock settings reads any page. An item larger than
-# that (the record limits allow datasets of about 51 MB, see registry.MAX_CLASSES and MAX_NAME)
-# comes alone in its page; the server and the SDK allow 64 MiB messages.
+# gRPC clients (4 MiB), so that a client with stock settings reads any page. The record limits
+# keep every item well under it (a dataset's class names: registry.MAX_CLASS_NAMES_BYTES); an item
+# larger than that would come alone in its page.
 PAGE_BYTES = 4 << 20
 ITEM_OVERHEAD = 6          # a repeated message field: its tag (1 byte) and length (at most 5 bytes)
 TOKEN_ROOM = 1024          # what the rest of a response (next_page_token) may take
