@@ -43,14 +43,15 @@ class OperationError(RuntimeError):
 
 def attack_spec(norm: str = "Linf", eps: float = 0.0, method: str = "pgd", steps: int = 0, step_size: float = 0.0,
                 random_start: Optional[bool] = None, restarts: int = 0, targeted: bool = False,
-                seed: int = 0) -> results.AttackSpec:
-    """An AttackSpec message from plain values. norm: "L2" or "Linf"."""
+                seed: int = 0, eot: int = 0) -> results.AttackSpec:
+    """An AttackSpec message from plain values. norm: "L2" or "Linf". eot: passes averaged per
+    step (APGD methods, randomized models; 0 = 1)."""
     try:
         norm_enum = NORMS[norm.lower()]
     except KeyError:
         raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}") from None
     spec = results.AttackSpec(method=method, norm=norm_enum, eps=eps, steps=steps, step_size=step_size,
-                              restarts=restarts, targeted=targeted, seed=seed)
+                              restarts=restarts, targeted=targeted, seed=seed, eot=eot)
     if random_start is not None:
         spec.random_start = random_start
     return spec
@@ -215,12 +216,14 @@ class Client:
     # ------------------------------------------------------------------ Attack
     def attack(self, model_id: str, x: np.ndarray, y: Sequence[int], *, norm: str = "Linf", eps: float = 8 / 255,
                method: str = "pgd", steps: int = 0, step_size: float = 0.0, random_start: Optional[bool] = None,
-               restarts: int = 0, targeted: bool = False, seed: int = 0, domain: str = "image") -> AttackResult:
-        """Adversarial examples for a batch. x: float32 [N,C,H,W] in [0,1] or uint8; y: labels (or targets)."""
+               restarts: int = 0, targeted: bool = False, seed: int = 0, domain: str = "image",
+               eot: int = 0) -> AttackResult:
+        """Adversarial examples for a batch. x: float32 [N,C,H,W] in [0,1] or uint8; y: labels (or targets).
+        eot: for a randomized model, the passes an APGD method averages per step (0 = 1)."""
         req = rpc.AttackRequest(model_id=model_id, x=to_tensor(np.asarray(x)),
                                 y=to_tensor(np.asarray(y, dtype=np.int64)),
                                 attack=attack_spec(norm, eps, method, steps, step_size, random_start, restarts,
-                                                   targeted, seed),
+                                                   targeted, seed, eot),
                                 domain=res.REAL if domain.lower() == "real" else res.IMAGE)
         r = self.stub.Attack(req, metadata=self.metadata, timeout=max(self.timeout, 600.0))
         return AttackResult(from_tensor(r.x_adv, "x_adv"), from_tensor(r.clean_pred), from_tensor(r.adv_pred),
@@ -233,7 +236,8 @@ class Client:
                  minimal_distance: Sequence[str] = ()) -> Operation:
         """attacks: dicts like {"norm": "L2", "eps": [0.25, 0.5], "steps": 20, "method": "pgd"}.
         suite: "autoattack" (APGD-CE, APGD-T, FAB-T, Square), "autoattack-fast" (APGD-CE then
-        APGD-T) or "pgd" (PGD-50), run as a cascade at each
+        APGD-T), "pgd" (PGD-50) or "rand" (APGD-CE, APGD-DLR with EOT over 20 passes, for
+        randomized models), run as a cascade at each
         radius; attacks then give only norm, eps (and seed), e.g. {"norm": "Linf", "eps": [8/255]},
         and each result row names the suite (its robust accuracy is what is left after it).
         surrogate_model_id: for a model without gradients (ONNX), craft white-box attacks on this

@@ -18,8 +18,17 @@ APGD-CE ascends the cross-entropy, APGD-DLR the difference-of-logits-ratio loss 
 APGD-T (targeted=True) runs the targeted loss once for each of the top-k classes other than the
 true one (ranked by the clean logits); as in the paper its goal is still misclassification.
 
-Cost: every step is one forward and one backward pass per attacked example; each run adds one
-forward (the last iterate is only scored) and the call one forward (the clean prediction).
+Randomized models (eot > 1, expectation over transformation; Athalye et al. 2018, AutoAttack's
+version='rand' with eot_iter=20): every point is evaluated with `eot` forward (and backward) passes
+and the loss and its gradient are their means, so the step-size schedule and the best-point tracking
+follow the expected loss, as the step does the expected gradient. An iterate (and the clean input)
+counts as misclassified when more than half of its `eot` passes misclassify it (eot = 1: its one
+pass); APGD-T ranks its target classes by the mean clean logits. The caller scores the returned
+point once more (attacks.attack: one fresh pass, as AutoAttack does).
+
+Cost: every step is `eot` forward and `eot` backward passes per attacked example; each run adds
+`eot` forwards (the last iterate is only scored) and the call `eot` forwards (the clean prediction):
+forwards = eot * (1 + runs * (steps + 1)), backwards = eot * runs * steps without early stopping.
 The step loop keeps its state on the device and does not synchronize with the host except at
 checkpoints, where examples already misclassified are dropped (early_stop).
 """
@@ -99,6 +108,7 @@ def apgd(
     early_stop: bool = True,
     rho: float = RHO,
     on_step: Optional[Callable[[int, int], None]] = None,
+    eot: int = 1,
 ) -> APGDResult:
     """Run APGD on one batch.
 
@@ -112,6 +122,7 @@ def apgd(
     attacked; an example leaves the batch at the first checkpoint after it is misclassified, and
     later runs attack only the survivors). False: every example runs every run to the end.
     on_step(step, total): after every step of every run; an exception raised in it stops the attack.
+    eot: passes averaged per evaluated point, for randomized models (1 <= eot <= 100; see above).
     """
     if norm not in ("L2", "Linf"):
         raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
@@ -121,6 +132,8 @@ def apgd(
         raise ValueError("steps and restarts must be >= 0")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    if not (isinstance(eot, int) and 1 <= eot <= 100):
+        raise ValueError(f"eot must be an integer in [1, 100], got {eot!r}")
     if targeted and target_classes < 1:
         raise ValueError("APGD-T needs target_classes >= 1")
     threat = make_threat_model(norm, eps, box)
@@ -133,10 +146,15 @@ def apgd(
 
     with torch.no_grad():
         clean_logits = forward(x)
+        wrong = (clean_logits.argmax(1) != y).long()
+        for _ in range(eot - 1):  # a randomized model: the mean logits, and a majority of misclassifications
+            logits = forward(x)
+            clean_logits = clean_logits + logits
+            wrong += (logits.argmax(1) != y).long()
     num_classes = clean_logits.shape[1]
-    forwards = torch.ones(n, dtype=torch.long, device=dev)
+    forwards = torch.full((n,), eot, dtype=torch.long, device=dev)
     backwards = torch.zeros(n, dtype=torch.long, device=dev)
-    success = clean_logits.argmax(1) != y
+    success = 2 * wrong > eot
     x_out = x.clone()
     out_loss = torch.full((n,), -torch.inf, device=dev, dtype=x.dtype)
 
@@ -163,11 +181,9 @@ def apgd(
             return F.cross_entropy(logits, yc, reduction="none")
         return -F.cross_entropy(logits, tc, reduction="none")
 
-    def evaluate(v, idx, yc, tc, need_grad):
-        """(loss [M], misclassified [M], grad or None) at v; counts the passes."""
-        forwards.index_add_(0, idx, torch.ones_like(idx))
+    def evaluate_once(v, yc, tc, need_grad):
+        """(loss [M], misclassified [M], grad or None) of one pass at v."""
         if need_grad:
-            backwards.index_add_(0, idx, torch.ones_like(idx))
             v = v.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = forward(v)
@@ -179,6 +195,25 @@ def apgd(
                 value = loss_fn(logits, yc, tc)
             grad = None
         return value.detach(), logits.detach().argmax(1) != yc, grad
+
+    def evaluate(v, idx, yc, tc, need_grad):
+        """(loss [M], misclassified [M], grad or None) at v, over `eot` passes: the mean loss and
+        gradient, misclassified by more than half of them; counts the passes (no host sync)."""
+        passes = torch.full_like(idx, eot)
+        forwards.index_add_(0, idx, passes)
+        if need_grad:
+            backwards.index_add_(0, idx, passes)
+        value, wrong, grad = evaluate_once(v, yc, tc, need_grad)
+        if eot == 1:
+            return value, wrong, grad
+        wrong = wrong.long()
+        for _ in range(eot - 1):
+            value_i, wrong_i, grad_i = evaluate_once(v, yc, tc, need_grad)
+            value = value + value_i
+            wrong += wrong_i.long()
+            if need_grad:
+                grad = grad + grad_i
+        return value / eot, 2 * wrong > eot, grad / eot if need_grad else None
 
     def write_back(idx, found, adv_x, best_x, best_loss):
         """Fold one run's outcome for examples idx into the call's results (no host sync)."""

@@ -21,6 +21,7 @@ GRADIENT_FREE = ("square",)
 APGD_TARGET_CLASSES = 9  # APGD-T and FAB-T: the classes with the highest clean logits other than the true one
 MULTI_TARGETED = ("apgd-t", "fab-t")  # a run per target class
 NORMS = ("L2", "Linf")
+MAX_EOT = 100  # expectation over transformation: at most this many samples per gradient
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,13 @@ class AttackConfig:
     restarts: int = 0
     targeted: bool = False
     seed: int = 0
+    eot: int = 0  # APGD only: forward+backward samples averaged per step (randomized models); 0 = 1
 
     def resolved(self) -> "AttackConfig":
         """Fill defaults: PGD 10 steps of 2.5*eps/steps with a random start (Madry et al.);
-        FGSM one step of eps from x."""
+        FGSM one step of eps from x. eot (expectation over transformation, Athalye et al. 2018):
+        APGD averages each step's loss and gradient over `eot` passes of a randomized model
+        (AutoAttack's version='rand' uses 20); 0 = 1, at most MAX_EOT; other methods refuse eot > 1."""
         method = self.method.lower() or "pgd"
         if method not in METHODS:
             raise ValueError(f"unknown attack method {self.method!r}; expected one of {METHODS}")
@@ -48,6 +52,12 @@ class AttackConfig:
             raise ValueError(f"unknown norm {self.norm!r}; expected 'L2' or 'Linf'")
         if not (self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps must be finite and >= 0, got {self.eps}")
+        eot = self.eot or 1
+        if not 1 <= eot <= MAX_EOT:
+            raise ValueError(f"eot must be in [1, {MAX_EOT}] (0 = 1), got {self.eot}")
+        if eot > 1 and method not in APGD_METHODS:
+            raise ValueError(f"eot (expectation over transformation) is supported by {tuple(APGD_METHODS)} only, "
+                             f"not {method}")
         if method == "fgsm":
             steps = 1
             step_size = self.step_size or self.eps
@@ -68,7 +78,7 @@ class AttackConfig:
             step_size = self.step_size or 2.5 * self.eps / steps
             random_start = True if self.random_start is None else self.random_start
         return replace(self, method=method, norm=norm, steps=steps, step_size=step_size,
-                       random_start=random_start)
+                       random_start=random_start, eot=eot)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +138,7 @@ def attack(
         loss, multi_targeted = APGD_METHODS[cfg.method]
         res = apgd(forward, x, y, norm=cfg.norm, eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts, loss=loss,
                    targeted=multi_targeted, target_classes=APGD_TARGET_CLASSES, box=box, seed=cfg.seed,
-                   early_stop=early_stop, on_step=on_step)
+                   early_stop=early_stop, on_step=on_step, eot=cfg.eot)
         clean_pred = predict(forward, x) if clean_pred is None else clean_pred
         adv_pred = predict(forward, res.x)
         return AttackOutput(res.x, adv_pred != y, clean_pred, adv_pred, threat.distance(res.x, x), cfg)

@@ -5,10 +5,22 @@ classified correctly under the attack. Only clean-correct examples are attacked 
 others count as non-robust already), and the attack stops early per example once it
 succeeds: both change no number, only the work done.
 
-A suite (SUITES: "pgd", "autoattack-fast", "autoattack") is a fixed list of attacks run as a cascade at each
+A suite (SUITES: "pgd", "autoattack-fast", "autoattack", "rand") is a fixed list of attacks run as a cascade at each
 (norm, eps): each attack runs only on the points every earlier one failed on, so its row is the
 robust accuracy *after* it and the suite's last row is its worst case per example (AutoAttack's
 protocol, Croce & Hein 2020).
+
+"rand" is AutoAttack's version for randomized defenses: APGD-CE then APGD-DLR, 100 steps each, every
+step averaging the loss and gradient over 20 passes of the model (EOT, expectation over
+transformation). A randomized model's verdicts are random too: as in AutoAttack, each point an
+attack returns is scored with one fresh pass (the clean pass likewise), so a robust accuracy is one
+draw of the accuracy under attack: its expectation over the model's randomness is the mean of the
+per-example probabilities of a correct answer at the adversarial points. Nothing is scored twice in
+the model's favour (an example broken by any attack of the cascade stays broken).
+
+evaluate checks whether the model is randomized with one extra forward pass of the first batch of
+clean inputs (its logits must repeat): attacks without EOT on a randomized model get a masking note
+(stochastic gradients, Athalye et al. 2018), and EOT on a deterministic model an informative one.
 """
 from __future__ import annotations
 
@@ -43,7 +55,10 @@ SUITES: dict[str, tuple[AttackConfig, ...]] = {
     "autoattack-fast": (AttackConfig(method="apgd-ce", steps=100), AttackConfig(method="apgd-t", steps=100)),
     "autoattack": (AttackConfig(method="apgd-ce", steps=100), AttackConfig(method="apgd-t", steps=100),
                    AttackConfig(method="fab-t", steps=100), AttackConfig(method="square", steps=5000)),
+    # AutoAttack's version='rand' (randomized defenses): one run each, eot_iter=20
+    "rand": (AttackConfig(method="apgd-ce", steps=100, eot=20), AttackConfig(method="apgd-dlr", steps=100, eot=20)),
 }
+RAND_SUITE = "rand"
 
 
 def suite_sweeps(suite: str, norm: str, eps: tuple[float, ...], seed: int = 0) -> list[AttackSweep]:
@@ -64,6 +79,7 @@ class RobustRow:
     robust_mask: torch.Tensor  # bool [N]
     mean_queries: float = 0.0  # black-box attacks: model queries per attacked example
     suite: str = ""            # set: the robust accuracy after this attack and the suite's earlier ones
+    randomized: Optional[bool] = None  # the model's logits did not repeat on the same inputs (None: not checked)
 
     @property
     def robust_accuracy(self) -> float:
@@ -95,6 +111,8 @@ class EvalReport:
     rows: list[RobustRow] = field(default_factory=list)
     worst_case: list[WorstCaseRow] = field(default_factory=list)
     wall_seconds: float = 0.0
+    randomized: Optional[bool] = None  # see is_randomized; None: no examples to check on
+    notes: list[str] = field(default_factory=list)  # informative, not masking (gradient_masking_notes has those)
 
     @property
     def clean_accuracy(self) -> float:
@@ -116,6 +134,36 @@ def clean_predictions(model: ModelWrapper, data: ArrayDataset, batch_size: int, 
         if len(data) else torch.zeros(0, dtype=torch.long)
 
 
+RANDOMNESS_RTOL = 1e-5  # logits that differ by more (relative to their scale) on the same inputs: randomized
+
+
+@torch.no_grad()
+def is_randomized(forward, x: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether a second forward pass of x gives other logits than `logits` (the first pass's): a
+    randomized model (noise, random transforms, dropout left on). One forward pass; the tolerance
+    absorbs the nondeterminism of GPU kernels, not a randomized defense's noise."""
+    again = forward(x)
+    scale = float(logits.abs().max()) if logits.numel() else 0.0
+    return bool(((again - logits).abs() > RANDOMNESS_RTOL * (1.0 + scale)).any())
+
+
+def randomness_notes(randomized: Optional[bool], rows: list["RobustRow"]) -> list[str]:
+    """Informative notes for EvalReport.notes: EOT spent on a deterministic model; on a randomized
+    one, how its random verdicts are scored. (Attacks without EOT on a randomized model are a
+    masking note: gradient_masking_notes.)"""
+    with_eot = sorted({r.suite or r.config.method for r in rows if r.config.eot > 1})
+    if randomized is False and with_eot:
+        k = max(r.config.eot for r in rows)
+        return [f"the model is deterministic (its logits repeat on the same inputs): EOT is unnecessary for "
+                f"{', '.join(with_eot)}, whose steps average up to {k} identical passes (cost x{k}) and find what "
+                "one pass finds; suite autoattack-fast or autoattack is the better use of the time"]
+    if randomized:
+        return ["the model is randomized (its logits differ between passes on the same inputs): clean and robust "
+                "accuracies are single draws (each point scored with one fresh pass, as AutoAttack does) and may "
+                "move between runs"]
+    return []
+
+
 def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep], *, batch_size: int = 256,
              device: torch.device | str = "cpu", on_progress: Optional[ProgressFn] = None,
              surrogate: Optional[ModelWrapper] = None) -> EvalReport:
@@ -129,11 +177,19 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
     n = len(data)
     report_progress = on_progress or (lambda d, t, s: None)
     report_progress(0, n, "clean")
-    pred = clean_predictions(model, data, batch_size, device)
+    preds = []
+    randomized: Optional[bool] = None
+    with torch.no_grad():
+        for x, _ in data.batches(batch_size, device):
+            logits = model.logits(x)
+            if randomized is None:  # the check's one extra forward pass: the first batch again
+                randomized = is_randomized(model.logits, x, logits)
+            preds.append(logits.argmax(1).cpu())
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     correct = pred == data.y
     n_correct = int(correct.sum())
     report = EvalReport(n, n_correct, per_class_rate(correct, data.y, data.num_classes),
-                        torch.bincount(data.y, minlength=data.num_classes).tolist())
+                        torch.bincount(data.y, minlength=data.num_classes).tolist(), randomized=randomized)
     total = n + n_correct * len(configs)
     done = n
     report_progress(done, total, "clean")
@@ -169,12 +225,14 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
             report_progress(done, total, stage)
         report.rows.append(RobustRow(cfg, int(robust.sum()), n, n_correct,
                                      per_class_rate(robust, data.y, data.num_classes),
-                                     time.perf_counter() - t0, robust, queries / max(len(targets), 1), suite))
+                                     time.perf_counter() - t0, robust, queries / max(len(targets), 1), suite,
+                                     randomized))
         if suite:
             left[(suite, cfg.norm, cfg.eps)] = robust
         key = (cfg.norm, cfg.eps)
         worst[key] = worst[key] & robust if key in worst else robust.clone()
     report.worst_case = [WorstCaseRow(norm, eps, mask) for (norm, eps), mask in worst.items()]
+    report.notes = randomness_notes(randomized, report.rows)
     report.wall_seconds = time.perf_counter() - t_start
     return report
 
@@ -217,8 +275,16 @@ def robustness_curve(distance: torch.Tensor, max_points: int = MAX_CURVE_POINTS)
 
 def gradient_masking_notes(rows: list[RobustRow]) -> list[str]:
     """Where a black-box attack breaks more examples than every white-box attack at the same
-    (norm, eps), gradients are likely masked (Athalye et al., 2018): say so, with the numbers."""
+    (norm, eps), gradients are likely masked (Athalye et al., 2018): say so, with the numbers.
+    On a randomized model (rows' `randomized`), attacks without EOT follow stochastic gradients,
+    the third kind of obfuscated gradients there: say so too, naming them and the remedy."""
     notes = []
+    no_eot = sorted({r.suite or r.config.method for r in rows if r.randomized and r.config.eot <= 1})
+    if no_eot:
+        notes.append(f"the model is randomized (its logits differ between passes on the same inputs): "
+                     f"{', '.join(no_eot)} saw one random draw of it per step (stochastic gradients or scores, "
+                     "Athalye et al. 2018) and may overstate its robustness; evaluate it with suite rand (APGD-CE "
+                     "and APGD-DLR averaging 20 passes per step: expectation over transformation, EOT)")
     previous: dict[tuple[str, str, float], RobustRow] = {}
     for r in rows:  # in a suite, a black-box attack that breaks what the gradient attacks left
         key = (r.suite, r.config.norm, r.config.eps)

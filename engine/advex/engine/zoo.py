@@ -2,24 +2,56 @@
 linear ``head``, so that logits = head(features(x)).
 
 Inputs arrive already normalized (the wrapper in ``models.py`` does it).
+
+Every architecture takes ``input_noise_std`` (arch_args, default 0): a randomized defense that adds
+fresh Gaussian noise N(0, std^2) to the network's (normalized) input on every forward pass, in
+training and at inference alike (Gaussian data augmentation, then noisy predictions as in
+randomized-smoothing-style defenses). Such a model answers differently on every call: evaluate it
+with suite "rand" (EOT). The noise has no parameters: the weights are the same as without it.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 
+MAX_INPUT_NOISE_STD = 1.0
+
+
+def input_noise_std(arch_args: dict) -> float:
+    """arch_args' input_noise_std as a float in [0, MAX_INPUT_NOISE_STD] (ValueError otherwise)."""
+    raw = arch_args.get("input_noise_std", 0.0)
+    try:
+        std = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_noise_std must be a number, got {raw!r}") from None
+    if not (math.isfinite(std) and 0.0 <= std <= MAX_INPUT_NOISE_STD):
+        raise ValueError(f"input_noise_std must be finite and in [0, {MAX_INPUT_NOISE_STD:g}], got {raw!r}")
+    return std
+
+
 class ZooNet(nn.Module):
-    """Base: subclasses define ``body`` (input -> penultimate features) and ``head``."""
+    """Base: subclasses define ``body`` (input -> penultimate features) and ``head``.
+    noise_std > 0: Gaussian noise on the input of every pass (a randomized model; see above)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise_std: float = 0.0
+
+    def noisy(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise_std > 0:
+            return x + self.noise_std * torch.randn_like(x)
+        return x
 
     @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(self.noisy(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.body(self.noisy(x)))
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus}
@@ -108,9 +140,12 @@ def build(architecture: str, input_shape: tuple[int, ...], num_classes: int,
         builder = ARCHITECTURES[architecture]
     except KeyError:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}") from None
+    noise_std = input_noise_std(arch_args or {})
     if architecture in ("small_cnn", "resnet18", "resnet50"):
         if len(input_shape) != 3:
             raise ValueError(f"{architecture} needs image inputs [C,H,W], got {list(input_shape)}")
         if architecture == "small_cnn" and min(input_shape[1:]) < 4:
             raise ValueError(f"small_cnn needs inputs of at least 4x4, got {list(input_shape)}")
-    return builder(tuple(int(s) for s in input_shape), int(num_classes), dict(arch_args or {}))
+    net = builder(tuple(int(s) for s in input_shape), int(num_classes), dict(arch_args or {}))
+    net.noise_std = noise_std
+    return net

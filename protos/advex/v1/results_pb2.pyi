@@ -18,7 +18,7 @@ LINF: Norm
 L2: Norm
 
 class AttackSpec(_message.Message):
-    __slots__ = ("method", "norm", "eps", "step_size", "steps", "random_start", "restarts", "targeted", "seed")
+    __slots__ = ("method", "norm", "eps", "step_size", "steps", "random_start", "restarts", "targeted", "seed", "eot")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class AttackSpec(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     TARGETED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    EOT_FIELD_NUMBER: _ClassVar[int]
     method: str
     norm: Norm
     eps: float
@@ -37,7 +38,8 @@ class AttackSpec(_message.Message):
     restarts: int
     targeted: bool
     seed: int
-    def __init__(self, method: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., step_size: _Optional[float] = ..., steps: _Optional[int] = ..., random_start: _Optional[bool] = ..., restarts: _Optional[int] = ..., targeted: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    eot: int
+    def __init__(self, method: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., step_size: _Optional[float] = ..., steps: _Optional[int] = ..., random_start: _Optional[bool] = ..., restarts: _Optional[int] = ..., targeted: _Optional[bool] = ..., seed: _Optional[int] = ..., eot: _Optional[int] = ...) -> None: ...
 
 class Interval(_message.Message):
     __slots__ = ("lower", "upper")

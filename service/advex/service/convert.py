@@ -9,8 +9,8 @@ import numpy as np
 
 from typing import Sequence, Union
 
-from advex.engine.attacks import (APGD_METHODS, APGD_TARGET_CLASSES, GRADIENT_FREE, METHODS, MULTI_TARGETED,
-                                  AttackConfig)
+from advex.engine.attacks import (APGD_METHODS, APGD_TARGET_CLASSES, GRADIENT_FREE, MAX_EOT, METHODS,
+                                  MULTI_TARGETED, AttackConfig)
 from advex.engine.builders import PAPER_RELABEL_ATTACK, BuildConfig, InversionConfig
 from advex.engine.evaluate import SUITES, AttackSweep, suite_sweeps
 from advex.engine.stats import clopper_pearson
@@ -56,15 +56,23 @@ def attack_config(spec: results.AttackSpec, field: str, cfg: ServerConfig, dim: 
     if (method in APGD_METHODS or method == "fab-t") and spec.targeted:
         raise invalid(f"{field}.targeted", f"{method} measures untargeted robustness (apgd-t picks its own target "
                                            "classes); targeted attacks are pgd and fgsm")
+    eot = int(spec.eot)
+    if not 0 <= eot <= MAX_EOT:
+        raise invalid(f"{field}.eot", f"must be in [0, {MAX_EOT}] (0 = 1 pass per step), got {eot}")
+    if eot > 1 and method not in APGD_METHODS:
+        raise invalid(f"{field}.eot", f"expectation over transformation is for {', '.join(APGD_METHODS)}, not {method}")
     return AttackConfig(norm=norm, eps=spec.eps, method=method, steps=spec.steps, step_size=spec.step_size,
                         random_start=spec.random_start if spec.HasField("random_start") else None,
-                        restarts=spec.restarts, targeted=spec.targeted, seed=spec.seed)
+                        restarts=spec.restarts, targeted=spec.targeted, seed=spec.seed, eot=eot)
 
 
 def attack_spec(cfg: AttackConfig) -> results.AttackSpec:
-    return results.AttackSpec(method=cfg.method, norm=NORM_ENUM[cfg.norm], eps=cfg.eps, step_size=cfg.step_size,
+    spec = results.AttackSpec(method=cfg.method, norm=NORM_ENUM[cfg.norm], eps=cfg.eps, step_size=cfg.step_size,
                               steps=cfg.steps, random_start=bool(cfg.random_start), restarts=cfg.restarts,
                               targeted=cfg.targeted, seed=cfg.seed)
+    if cfg.eot > 1:  # unset = one pass per step
+        spec.eot = cfg.eot
+    return spec
 
 
 MAX_SWEEPS = 32          # attacks of one Evaluate
@@ -91,7 +99,8 @@ def sweeps(request: rpc.EvaluateRequest, cfg: ServerConfig, dim: int, boxed: boo
         radii = tuple(float(e) for e in sweep.eps) or (base.eps,)
         if request.suite:
             spec = sweep.attack
-            if spec.method or spec.steps or spec.restarts or spec.step_size or spec.HasField("random_start"):
+            if (spec.method or spec.steps or spec.restarts or spec.step_size or spec.HasField("random_start")
+                    or spec.eot):
                 raise invalid(f"{field}.attack", f"with suite {request.suite!r} give only norm, eps and seed: the "
                                                  "suite fixes its attacks and their settings")
             out += suite_sweeps(request.suite, base.norm, radii, seed=base.seed)
@@ -246,7 +255,8 @@ def _per_example(item: Work) -> tuple[int, str]:
         if a.method in GRADIENT_FREE:  # Square: `steps` is the query budget, one forward pass each
             return a.steps, f"{a.method} {a.steps:,} {'query' if a.steps == 1 else 'queries'}"
         runs = (a.restarts + 1) * (APGD_TARGET_CLASSES if a.method in MULTI_TARGETED else 1)  # a run per target
-        return a.steps * runs, f"{a.method} {_plural(a.steps, 'step')}" + (f" × {runs:,} runs" if runs > 1 else "")
+        how = f"{a.method} {_plural(a.steps, 'step')}" + (f" × {runs:,} runs" if runs > 1 else "")
+        return a.steps * runs * a.eot, how + (f" × {a.eot} EOT passes" if a.eot > 1 else "")
     if isinstance(item, InversionConfig):
         return item.steps, f"inversion {_plural(item.steps, 'step')}"
     if isinstance(item, BuildConfig):

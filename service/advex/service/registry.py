@@ -27,7 +27,7 @@ from advex.engine.data import ArrayDataset, DataError, TsiprasParams
 from advex.engine.loaders import (ModelLoadError, Recorded, ShapeMismatch, check_archive, check_model, load_model,
                                   read_recorded, safetensors_bytes)
 from advex.engine.models import ModelInfo, ModelWrapper
-from advex.engine.zoo import ACTIVATIONS, ARCHITECTURES
+from advex.engine.zoo import ACTIVATIONS, ARCHITECTURES, input_noise_std
 from advex.service import sandbox
 from advex.service.config import ServerConfig
 from advex.service.errors import ServiceError, invalid, precondition
@@ -217,6 +217,12 @@ def _check_arch_args(spec: res.ModelSpec, field: str) -> None:
         return  # informative only: nothing is built from them
     known = ARCH_ARGS[spec.architecture]
     for key, value in args.items():
+        if key == "input_noise_std":  # every zoo architecture: a randomized defense
+            try:
+                input_noise_std({key: value})
+            except ValueError as exc:
+                raise invalid(f"{field}.arch_args[{key}]", str(exc)) from None
+            continue
         if key not in known:
             allowed = ", ".join(sorted(known)) or "none"
             raise invalid(f"{field}.arch_args", f"{spec.architecture} takes no argument {quote(key)} (it takes: {allowed})")

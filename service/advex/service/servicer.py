@@ -319,6 +319,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         masking = gradient_masking_notes(rep.rows)
         out.gradient_masking_suspected = bool(masking)
         out.notes.extend(masking)
+        out.notes.extend(rep.notes)
         for wc in rep.worst_case:
             added = out.worst_case.add(
                 norm=convert.NORM_ENUM[wc.norm], eps=wc.eps,
