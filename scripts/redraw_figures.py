@@ -16,7 +16,7 @@ def redraw(folder: Path) -> list[Path]:
     drawn = []
     if (folder / "results.json").exists():
         data = json.loads((folder / "results.json").read_text())
-        preset = reproduce.Preset(**data["preset"])
+        preset = reproduce.Preset.from_json(data["preset"])
         rows = [reproduce.Row(**r) for r in data["rows"]]
         reproduce.draw_figure2(preset, rows, folder / "figure2.png")
         drawn.append(folder / "figure2.png")

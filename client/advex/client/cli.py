@@ -31,6 +31,16 @@ def _ints(text: str) -> list[int]:
         raise SystemExit(f"error: expected integers like 3,32,32, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _attack_arg(text: str) -> dict:
     """'norm=L2,eps=0.25:0.5,steps=20' -> {"norm": "L2", "eps": [0.25, 0.5], "steps": 20}."""
     out: dict = {}
@@ -145,13 +155,19 @@ def cmd_reproduce(args) -> int:
     if client is None:
         return 2
     if args.experiment == "transfer":
+        if args.seeds != 1 or args.suite:
+            print("advex: --seeds and --suite are for the datasets experiment", file=sys.stderr)
+            return 2
         preset = reproduce.TRANSFER_PRESETS[args.preset]
         reproduce.run_transfer(client, preset, Path(args.out or f"reproduce-transfer-{preset.name}"))
         return 0
     preset = reproduce.PRESETS[args.preset]
     if args.arch:
         preset.arch, preset.arch_args = args.arch, {}
-    reproduce.run(client, preset, Path(args.out or f"reproduce-{preset.name}"))
+    if args.suite and args.suite != preset.eval_suite:
+        preset.eval_suite = args.suite
+        preset.reductions = [r for r in preset.reductions if r != reproduce.FAST_SUITE_NOTE]
+    reproduce.run(client, preset, Path(args.out or f"reproduce-{preset.name}"), seeds=args.seeds)
     return 0
 
 
@@ -411,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "tiny: a one-minute smoke test")
     rp.add_argument("--arch", default="", help="override the preset's architecture (e.g. resnet50)")
     rp.add_argument("--out", default="", help="report folder (default reproduce-<preset>)")
+    rp.add_argument("--seeds", type=_positive_int, default=1,
+                    help="run the whole pipeline with seeds 0..N-1 and report mean and spread (default 1)")
+    rp.add_argument("--suite", default="", choices=["", "autoattack", "autoattack-fast", "pgd"],
+                    help="evaluation suite (default: the preset's: autoattack-fast on the CPU presets, autoattack on "
+                         "cifar10)")
     rp.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     rp.set_defaults(fn=cmd_reproduce)
 
@@ -439,9 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--minimal-distance", action="append", choices=["L2", "Linf"],
                    help="measure each example's smallest adversarial perturbation in this norm (FAB-T) and print "
                         "robust accuracy at every eps (repeatable)")
-    e.add_argument("--suite", default="", choices=["", "pgd", "autoattack-fast", "autoattack"],
+    e.add_argument("--suite", default="", choices=["", "pgd", "autoattack-fast", "autoattack", "rand"],
                    help="a standard suite run as a cascade at each eps: autoattack (APGD-CE, APGD-T, FAB-T, Square "
-                        "5000 queries), autoattack-fast (APGD-CE, APGD-T) or pgd (PGD-50)")
+                        "5000 queries), autoattack-fast (APGD-CE, APGD-T), pgd (PGD-50), or rand (APGD-CE, APGD-DLR "
+                        "with 20 EOT passes per step, for randomized models)")
     e.add_argument("--no-wait", dest="wait", action="store_false", help="print the operation id and return")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_evaluate)

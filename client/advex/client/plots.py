@@ -68,21 +68,25 @@ def figure2(groups: Sequence[str], standard: Sequence[Optional[float]],
             robust: Mapping[float, Sequence[Optional[float]]], path: str | Path, *, title: str = "",
             paper_standard: Sequence[Optional[float]] = (),
             paper_robust: Mapping[float, Sequence[Optional[float]]] | None = None,
-            paper_label: str = "paper") -> "Figure":
+            paper_label: str = "paper", standard_whiskers: Sequence[Optional[tuple[float, float]]] = (),
+            robust_whiskers: Mapping[float, Sequence[Optional[tuple[float, float]]]] | None = None) -> "Figure":
     """Grouped bars in [0,1] in the style of Ilyas et al.'s Figure 2: per training set (group), its
     standard accuracy and its robust accuracy at every eps of `robust` (eps -> one value per group).
     A value None (not measured) shows as "n/a". The paper's numbers (`paper_standard`, and
-    `paper_robust` at the eps it reports) are black marks across the matching bars."""
+    `paper_robust` at the eps it reports) are black marks across the matching bars. Whiskers
+    (`standard_whiskers`, `robust_whiskers`: (lower, upper) per group, or None) span an interval
+    around a bar, e.g. its 95% interval; the bar's value label sits above its whisker."""
     from matplotlib import colormaps, rc_context
     from matplotlib.ticker import MultipleLocator, PercentFormatter
 
     eps_list = sorted(robust)
-    series: list[tuple[str, Sequence[Optional[float]], object, Sequence[Optional[float]]]] = [
-        ("standard accuracy", standard, _BLUE, paper_standard)]
+    series: list[tuple[str, Sequence[Optional[float]], object, Sequence[Optional[float]], Sequence]] = [
+        ("standard accuracy", standard, _BLUE, paper_standard, standard_whiskers)]
     shades = colormaps["Oranges"]
     for k, eps in enumerate(eps_list):
         shade = shades(0.35 + 0.5 * k / (len(eps_list) - 1)) if len(eps_list) > 1 else _ORANGE
-        series.append((f"robust, L2 \u03b5 = {eps:g}", robust[eps], shade, (paper_robust or {}).get(eps, ())))
+        series.append((f"robust, L2 \u03b5 = {eps:g}", robust[eps], shade, (paper_robust or {}).get(eps, ()),
+                       (robust_whiskers or {}).get(eps, ())))
     n_groups, n_series = len(groups), len(series)
     width = min(20.0, max(8.0, 1.4 + n_groups * (n_series + 1) * 0.3))
     with rc_context(_STYLE):
@@ -90,13 +94,19 @@ def figure2(groups: Sequence[str], standard: Sequence[Optional[float]],
         bar_w = 0.84 / n_series
         marks: list[tuple[float, float, float]] = []  # (x0, x1, y) of every paper mark
         labels_by_bar = []
-        for s, (name, values, colour, refs) in enumerate(series):
+        for s, (name, values, colour, refs, whiskers) in enumerate(series):
             xs = [g - 0.42 + bar_w * (s + 0.5) for g in range(n_groups)]
             heights = [_clip01(v) for v in values]
             bars = ax.bar(xs, heights, bar_w * 0.92, color=colour, label=name, zorder=2)
             # the value in % without the sign (the axis says %), or n/a
             texts = ax.bar_label(bars, labels=[fmt_rate(v, ".0%").rstrip("%") for v in values], padding=2,
                                  fontsize=7.5, color=_INK)
+            spans = [(g, w) for g, w in enumerate(whiskers) if g < n_groups and w is not None and values[g] is not None]
+            if spans:
+                ax.vlines([xs[g] for g, _ in spans], [_clip01(w[0]) for _, w in spans],
+                          [_clip01(w[1]) for _, w in spans], colors=_INK, linewidths=0.9, zorder=2.5, gid="whisker")
+                for g, w in spans:
+                    texts[g].xy = (xs[g], max(heights[g], _clip01(w[1])))
             for g, text in enumerate(texts):
                 ref = refs[g] if g < len(refs) else None
                 labels_by_bar.append((text, xs[g], heights[g], ref))

@@ -1,20 +1,29 @@
 """`advex reproduce`: Ilyas et al. (NeurIPS 2019) through the service only.
 
 Train a standard and an adversarially trained model on D; build D_R (through the robust
-model), D_NR, D_rand and D_det (through the standard one); train a standard model on each; then
-evaluate all six on the original test set (standard accuracy, L2 robust accuracy at eps 0.25 and
-over a sweep). Write a report folder: results.json and report.md (table beside the paper's numbers,
-settings, reductions, diagnostics) first, then the figures: figure2.png (bars in the style of the
-paper's Figure 2, at every evaluated eps) and samples.png (x beside its D_R / D_NR / D_rand / D_det
-counterparts, with labels). A rate over an empty denominator is "n/a" (null in JSON), never 0%.
+model), D_NR, D_rand and D_det (through the standard one); train a standard model on each, and a
+matched control: a standard model on the same images of D the sets were built from, with the
+same training as the constructed sets, so that a gap between D and D_R is not a gap in data or
+epochs. Evaluate all seven on the original test set: standard accuracy, and robust accuracy at
+every eps as the worst case of an evaluation suite (AutoAttack; its fast variant, APGD-CE +
+APGD-T, on the CPU presets), each with its 95% interval. `seeds` > 1 repeats the whole pipeline
+with other seeds (training and construction) and reports mean and spread.
+
+The report folder: results.json and report.md (table beside the paper's numbers, settings,
+reductions, diagnostics) first, then the figures: figure2.png (bars in the style of the paper's
+Figure 2, at every evaluated eps, with whiskers) and samples.png (x beside its D_R / D_NR /
+D_rand / D_det counterparts, with labels). A rate over an empty denominator is "n/a" (null in
+JSON), never 0%.
 """
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -22,16 +31,22 @@ from advex.client import plots
 from advex.client.render import fmt_rate, image_grid, rate, table
 from advex.client.sdk import Client
 
-# PAPER.md: CIFAR-10 test set, (standard accuracy, robust accuracy at L2 eps 0.25).
+CONTROL = "D (matched control)"
+# PAPER.md: CIFAR-10 test set, (standard accuracy, robust accuracy at L2 eps 0.25). The matched
+# control is advex's own addition: the paper has no number for it.
 PAPER = {
     "D (standard)": (0.953, 0.045),
     "D (adversarial)": (0.91, 0.825),
+    CONTROL: (None, None),
     "D_R": (0.84, 0.48),
     "D_NR": (0.88, 0.005),
     "D_rand": (0.633, 0.0),
     "D_det": (0.437, 0.0),
 }
 ROWS = list(PAPER)
+PAPER_EPS = 0.25
+SUITE_ATTACKS = {"autoattack": "APGD-CE, APGD-T, FAB-T, Square", "autoattack-fast": "APGD-CE, APGD-T",
+                 "pgd": "PGD-50"}
 
 
 @dataclass
@@ -41,36 +56,47 @@ class Preset:
     arch: str
     arch_args: dict
     train_limit: int            # examples of D used for the two models on D (0 = all)
-    build_limit: int            # examples of D turned into D_R, D_NR, D_rand, D_det (0 = all)
+    build_limit: int            # the first examples of D turned into D_R, D_NR, D_rand, D_det (0 = all)
     test_limit: int             # test examples evaluated (0 = all)
     train: dict                 # standard training on D
     robust_attack: dict         # adversarial training's inner loop
-    new_set_train: dict         # standard training on each constructed set
+    new_set_train: dict         # standard training on each constructed set (and the matched control)
     inversion: dict             # D_R / D_NR
     relabel_attack: dict        # D_rand / D_det
     eval_eps: tuple = (0.25, 0.5, 1.0)
-    eval_steps: int = 20
+    eval_suite: str = "autoattack"  # the evaluation suite (L2, at every eval_eps)
     mean: tuple = ()
     std: tuple = ()
     reductions: list = field(default_factory=list)
     batch_size: int = 128
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Preset":
+        """A preset from a results.json (keys of older versions that no longer exist are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
 
 PAPER_TRAIN = dict(epochs=150, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="step",
                    lr_step_epochs=50, lr_gamma=0.1, augment=True)
+FAST_SUITE_NOTE = ("evaluation: the autoattack-fast suite (APGD-CE then APGD-T, 100 steps each, worst case per "
+                   "example) instead of the full AutoAttack (which adds FAB-T and Square-5000): the CPU preset's "
+                   "budget. Run the full suite on a GPU with --suite autoattack")
 
 PRESETS = {
     "tiny": Preset(  # a smoke test of the whole pipeline (about a minute); its numbers mean little
         name="tiny", dataset="fashion-mnist", arch="small_cnn", arch_args={"width": 8},
-        train_limit=1000, build_limit=200, test_limit=200,
+        train_limit=1000, build_limit=200, test_limit=100,
         train=dict(epochs=1, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
         robust_attack=dict(norm="L2", eps=0.5, steps=3, step_size=0.25),
         new_set_train=dict(epochs=2, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
         inversion=dict(steps=20, step_size=0.1),
         relabel_attack=dict(norm="L2", eps=0.5, steps=10, step_size=0.1),
-        eval_eps=(0.25, 0.5), eval_steps=5,
+        eval_eps=(0.25, 1.0), eval_suite="pgd",
         reductions=["smoke-test scale: 1,000 training images, 200 per constructed set, 1-2 epochs, "
-                    "20 inversion steps, 10 relabelling steps; the numbers are not a reproduction"]),
+                    "20 inversion steps, 10 relabelling steps, 100 test images; the numbers are not a reproduction",
+                    "evaluation: the pgd suite (PGD-50) instead of AutoAttack, to keep the smoke test at a minute; "
+                    "its robust accuracies are upper bounds"]),
     "small": Preset(
         name="small", dataset="fashion-mnist", arch="small_cnn", arch_args={"width": 16},
         train_limit=10000, build_limit=3000, test_limit=1000,
@@ -79,20 +105,21 @@ PRESETS = {
         new_set_train=dict(epochs=10, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
         inversion=dict(steps=200, step_size=0.1),
         relabel_attack=dict(norm="L2", eps=2.0, steps=50, step_size=0.1),
-        eval_eps=(0.25, 0.5, 1.0, 2.0),
+        eval_eps=(0.25, 0.5, 1.0, 2.0), eval_suite="autoattack-fast",
         reductions=[
             "Fashion-MNIST (28x28 grey) instead of CIFAR-10; a small CNN (width 16, pooled representation) "
             "instead of ResNet-50",
-            "D: 10,000 training images for the two models on D; 3,000 of them turned into each constructed set; "
-            "1,000 test images evaluated",
-            "training: 4 epochs on D, 10 epochs on each constructed set (SGD lr 0.05, cosine) instead of 150 "
-            "epochs with steps at 50 and 100",
+            "D: 10,000 training images for the two models on D; the first 3,000 of them turned into each "
+            "constructed set (and used by the matched control); 1,000 test images evaluated",
+            "training: 4 epochs on D, 10 epochs on each constructed set and the matched control (SGD lr 0.05, "
+            "cosine) instead of 150 epochs with steps at 50 and 100",
             "D_R / D_NR: 200 inversion steps of 0.1 instead of 1000",
             "D_rand / D_det: L2 eps 2.0 instead of 0.5, 50 PGD steps of 0.1 instead of 100. Fashion-MNIST models "
             "are far more robust than CIFAR-10 ones: at eps 0.5 the targeted attack reaches only ~10% of its "
             "targets (measured), so D_det would carry y's features under label y+1 instead of the target's "
             "non-robust features; at eps 2.0 it reaches ~90%",
             "robust model: L2 eps 0.5, 7 steps of 0.1, random start (the paper's settings), 4 epochs",
+            FAST_SUITE_NOTE,
         ]),
     "cifar10": Preset(
         name="cifar10", dataset="cifar10", arch="resnet18", arch_args={},
@@ -102,7 +129,7 @@ PRESETS = {
         new_set_train=PAPER_TRAIN,
         inversion=dict(steps=1000, step_size=0.1),
         relabel_attack=dict(norm="L2", eps=0.5, steps=100, step_size=0.1),
-        eval_eps=(0.25, 0.5), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        eval_eps=(0.25, 0.5), eval_suite="autoattack", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
         reductions=["ResNet-18 instead of ResNet-50 (resnet50 is one --arch away)",
                     "no learning-rate grid search: lr 0.1 with augmentation for every training set"],
         batch_size=256),
@@ -111,19 +138,25 @@ PRESETS = {
 
 @dataclass
 class Row:
+    """One model of one seed: what it was trained on and its accuracies on the original test set."""
+
     training_set: str
     dataset_id: str
     model_id: str
+    seed: int = 0
     clean: float = 0.0
-    robust_025: Optional[float] = None    # None when eps 0.25 is not in the preset's eval_eps
-    sweep: dict = field(default_factory=dict)
+    clean_ci: Optional[list] = None      # [lower, upper], the 95% interval the server reported
+    robust_025: Optional[float] = None   # None when eps 0.25 is not in the preset's eval_eps
+    sweep: dict = field(default_factory=dict)     # "eps" -> robust accuracy (the suite's worst case)
+    sweep_ci: dict = field(default_factory=dict)  # "eps" -> [lower, upper]
+    suite: str = ""                      # the suite that produced `sweep`, as the server named it
     diagnostics: dict = field(default_factory=dict)
 
 
-def _train(client: Client, p: Preset, dataset_id: str, name: str, settings: dict, limit: int,
+def _train(client: Client, p: Preset, dataset_id: str, name: str, settings: dict, limit: int, seed: int,
            adversarial: Optional[dict] = None) -> str:
     op = client.train(p.arch, dataset_id, limit=limit, name=name, arch_args=p.arch_args, adversarial=adversarial,
-                      mean=p.mean, std=p.std, seed=0, **settings)
+                      mean=p.mean, std=p.std, seed=seed, **settings)
     return op.result().model_id
 
 
@@ -142,85 +175,213 @@ def _start(out: Path, log: Callable[[str], None], headline: str, reductions: lis
     return time.perf_counter()
 
 
-def run(client: Client, p: Preset, out: Path, log: Callable[[str], None] = print) -> list[Row]:
-    t0 = _start(out, log, f"advex reproduce — preset {p.name!r}: {p.dataset}, {p.arch}.", p.reductions)
+def _interval(message, name: str) -> Optional[list]:
+    """[lower, upper] of an advex.v1.Interval field; None where the server left it unset."""
+    if not message.HasField(name):
+        return None
+    ci = getattr(message, name)
+    return [ci.lower, ci.upper]
+
+
+def _evaluate(client: Client, p: Preset, row: Row) -> None:
+    """Fill row's accuracies: clean, and at every eps the worst case of the preset's suite."""
+    ev = client.evaluate(row.model_id, p.dataset, split="test", limit=p.test_limit, suite=p.eval_suite,
+                         attacks=[{"norm": "L2", "eps": list(p.eval_eps)}]).result()
+    row.clean, row.clean_ci = ev.clean_accuracy, _interval(ev, "clean_accuracy_ci")
+    row.sweep = {f"{w.eps:g}": w.robust_accuracy for w in ev.worst_case}
+    row.sweep_ci = {f"{w.eps:g}": _interval(w, "robust_accuracy_ci") for w in ev.worst_case}
+    row.robust_025 = row.sweep.get(f"{PAPER_EPS:g}")
+    row.suite = ",".join(sorted({r.suite for r in ev.robust if r.suite}))
+
+
+def run_seed(client: Client, p: Preset, seed: int, log: Callable[[str], None] = print) -> tuple[list[Row], dict]:
+    """The whole pipeline once: the seven rows (ROWS order) and the constructed sets' results."""
     d = p.dataset
+    log(f"\n[1/4] seed {seed}: train a standard and an adversarially trained model on D, and the matched control")
+    std_id = _train(client, p, d, "D standard", p.train, p.train_limit, seed)
+    rob_id = _train(client, p, d, "D adversarial", p.train, p.train_limit, seed, adversarial=p.robust_attack)
+    control_id = _train(client, p, d, "D matched control", p.new_set_train, p.build_limit, seed)
 
-    log("\n[1/4] Train a standard and an adversarially trained model on D")
-    std_id = _train(client, p, d, "D standard", p.train, p.train_limit)
-    rob_id = _train(client, p, d, "D adversarial", p.train, p.train_limit, adversarial=p.robust_attack)
-
-    log("\n[2/4] Build D_R (robust model), D_NR, D_rand, D_det (standard model)")
+    log(f"\n[2/4] seed {seed}: build D_R (robust model), D_NR, D_rand, D_det (standard model)")
+    common = dict(limit=p.build_limit, batch_size=p.batch_size, seed=seed)
     builds = {
-        "D_R": client.robustify(rob_id, d, limit=p.build_limit, batch_size=p.batch_size, name="D_R", **p.inversion),
-        "D_NR": client.build_nonrobust_dataset("d_nr", std_id, d, limit=p.build_limit, batch_size=p.batch_size,
-                                               name="D_NR", **p.inversion),
-        "D_rand": client.build_nonrobust_dataset("d_rand", std_id, d, limit=p.build_limit, batch_size=p.batch_size,
-                                                 attack=p.relabel_attack, name="D_rand"),
-        "D_det": client.build_nonrobust_dataset("d_det", std_id, d, limit=p.build_limit, batch_size=p.batch_size,
-                                                attack=p.relabel_attack, name="D_det"),
+        "D_R": client.robustify(rob_id, d, name="D_R", **common, **p.inversion),
+        "D_NR": client.build_nonrobust_dataset("d_nr", std_id, d, name="D_NR", **common, **p.inversion),
+        "D_rand": client.build_nonrobust_dataset("d_rand", std_id, d, attack=p.relabel_attack, name="D_rand",
+                                                 **common),
+        "D_det": client.build_nonrobust_dataset("d_det", std_id, d, attack=p.relabel_attack, name="D_det", **common),
     }
     built = {name: op.result() for name, op in builds.items()}
 
-    log("\n[3/4] Train a standard model on each constructed set")
-    rows = [Row("D (standard)", d, std_id), Row("D (adversarial)", d, rob_id)]
+    log(f"\n[3/4] seed {seed}: train a standard model on each constructed set")
+    rows = [Row("D (standard)", d, std_id, seed), Row("D (adversarial)", d, rob_id, seed), Row(CONTROL, d, control_id, seed)]
     for name, res in built.items():
-        model_id = _train(client, p, res.dataset_id, f"standard on {name}", p.new_set_train, 0)
-        rows.append(Row(name, res.dataset_id, model_id, diagnostics=_diagnostics(res)))
+        model_id = _train(client, p, res.dataset_id, f"standard on {name}", p.new_set_train, 0, seed)
+        rows.append(Row(name, res.dataset_id, model_id, seed, diagnostics=_diagnostics(res)))
 
-    log("\n[4/4] Evaluate every model on the original test set")
+    log(f"\n[4/4] seed {seed}: evaluate every model on the original test set ({p.eval_suite} suite)")
     for row in rows:
-        ev = client.evaluate(row.model_id, d, split="test", limit=p.test_limit,
-                             attacks=[{"norm": "L2", "eps": list(p.eval_eps), "steps": p.eval_steps}]).result()
-        row.clean = ev.clean_accuracy
-        row.sweep = {f"{r.attack.eps:g}": r.robust_accuracy for r in ev.robust}
-        row.robust_025 = row.sweep.get("0.25")
+        _evaluate(client, p, row)
+    return rows, built
 
-    log("\n" + _table(rows, p))
+
+def run(client: Client, p: Preset, out: Path, log: Callable[[str], None] = print, *, seeds: int = 1) -> list[Row]:
+    """The experiment at seeds 0 .. seeds-1; every seed's rows, in seed then ROWS order."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    t0 = _start(out, log, f"advex reproduce — preset {p.name!r}: {p.dataset}, {p.arch}, {seeds} seed(s).",
+                p.reductions)
+    rows: list[Row] = []
+    built: dict = {}
+    for seed in range(seeds):
+        seed_rows, seed_built = run_seed(client, p, seed, log)
+        rows += seed_rows
+        built = built or seed_built  # the samples figure shows the first seed's sets
+    headers, cells = report_table(p, rows)
+    log("\n" + table(headers, cells))
     _write_report(client, p, rows, built, out, time.perf_counter() - t0)
     log(f"\nReport: {out / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
     return rows
 
 
-def _table(rows: list[Row], p: Preset) -> str:
-    eps = [f"{e:g}" for e in p.eval_eps if e != 0.25]
-    return table(["training set", "std acc", "paper", "robust @0.25", "paper"] + [f"@{e}" for e in eps],
-                 [[r.training_set, fmt_rate(r.clean), fmt_rate(PAPER[r.training_set][0]), fmt_rate(r.robust_025),
-                   fmt_rate(PAPER[r.training_set][1])] + [fmt_rate(r.sweep.get(e)) for e in eps]
-                  for r in rows])
+# ---------------------------------------------------------------- numbers for people
+
+@dataclass
+class Spread:
+    """One accuracy over seeds: the mean, the sample standard deviation (None for one seed), the
+    range, and for one seed its 95% interval."""
+
+    values: list
+    interval: Optional[list] = None
+
+    @property
+    def known(self) -> bool:
+        return bool(self.values) and all(v is not None for v in self.values)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.fmean(self.values) if self.known else None
+
+    @property
+    def sd(self) -> Optional[float]:
+        return statistics.stdev(self.values) if self.known and len(self.values) > 1 else None
+
+    def text(self) -> str:
+        """"82.8% (80.3-85.1)" for one seed (the 95% interval), "82.8% ± 1.2 (81.1-84.0)" for
+        several (sample sd in pp, then min-max); "n/a" when a seed has no number."""
+        if not self.known:
+            return "n/a"
+        if len(self.values) == 1:
+            ci = self.interval
+            return fmt_rate(self.mean) + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
+        return f"{fmt_rate(self.mean)} ± {100 * self.sd:.1f} ({100 * min(self.values):.1f}-{100 * max(self.values):.1f})"
+
+    def whisker(self) -> Optional[tuple]:
+        """The figure's whisker: the 95% interval (one seed) or mean ± sd (several)."""
+        if not self.known:
+            return None
+        if len(self.values) == 1:
+            return tuple(self.interval) if self.interval else None
+        return (self.mean - self.sd, self.mean + self.sd)
+
+    def as_json(self) -> dict:
+        return {"mean": self.mean, "sd": self.sd, "min": min(self.values) if self.known else None,
+                "max": max(self.values) if self.known else None, "n": len(self.values), "ci95": self.interval}
+
+
+def column_eps(p: Preset) -> list[float]:
+    """The table's robust-accuracy columns: every evaluated eps, and the paper's 0.25 even when it
+    was not evaluated (it then reads n/a beside the paper's number)."""
+    return sorted(set(float(e) for e in p.eval_eps) | {PAPER_EPS})
+
+
+def summarize(rows: Sequence[Row], p: Preset) -> dict:
+    """training set -> {"clean": Spread, eps: Spread for every column eps}, over the seeds."""
+    out: dict = {}
+    for name in ROWS:
+        mine = [r for r in rows if r.training_set == name]
+        if not mine:
+            continue
+        one = len(mine) == 1
+        cells = {"clean": Spread([r.clean for r in mine], mine[0].clean_ci if one else None)}
+        for e in column_eps(p):
+            key = f"{e:g}"
+            cells[key] = Spread([r.sweep.get(key) for r in mine], mine[0].sweep_ci.get(key) if one else None)
+        out[name] = cells
+    return out
+
+
+def report_table(p: Preset, rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the results table (printed, and written to report.md): per training
+    set, standard accuracy and robust accuracy at every column eps, the paper's beside its own."""
+    summary = summarize(rows, p)
+    headers = ["training set", "standard acc.", "paper"]
+    for e in column_eps(p):
+        headers.append(f"robust @{e:g}")
+        if e == PAPER_EPS:
+            headers.append(f"paper @{e:g}")
+    cells = []
+    for name, cell in summary.items():
+        paper_std, paper_rob = PAPER[name]
+        line = [name, cell["clean"].text(), _paper(paper_std)]
+        for e in column_eps(p):
+            line.append(cell[f"{e:g}"].text())
+            if e == PAPER_EPS:
+                line.append(_paper(paper_rob))
+        cells.append(line)
+    return headers, cells
+
+
+def _paper(value: Optional[float]) -> str:
+    return "—" if value is None else fmt_rate(value)
+
+
+def _suite_text(rows: Sequence[Row], p: Preset) -> str:
+    suites = sorted({r.suite for r in rows if r.suite}) or [p.eval_suite]
+    return "; ".join(f"`{s}` ({SUITE_ATTACKS.get(s, 'as named by the server')})" for s in suites)
 
 
 def _write_report(client: Client, p: Preset, rows: list[Row], built: dict, out: Path, wall: float) -> None:
     """results.json and report.md first, then the figures: a crash while drawing loses no result."""
-    (out / "results.json").write_text(json.dumps({"preset": asdict(p), "rows": [asdict(r) for r in rows],
-                                                  "paper": PAPER, "wall_seconds": wall}, indent=2, default=str))
-    eps_text = ", ".join(f"{e:g}" for e in p.eval_eps)
+    seeds = sorted({r.seed for r in rows})
+    summary = summarize(rows, p)
+    (out / "results.json").write_text(json.dumps(
+        {"preset": asdict(p), "seeds": seeds, "rows": [asdict(r) for r in rows],
+         "summary": {name: {k: s.as_json() for k, s in cells.items()} for name, cells in summary.items()},
+         "paper": PAPER, "wall_seconds": wall}, indent=2, default=str))
+    headers, cells = report_table(p, rows)
+    spread = ("each cell: the accuracy and its 95% Clopper-Pearson interval (in %, from the server)" if len(seeds) == 1
+              else f"each cell: the mean over {len(seeds)} seeds ± the sample standard deviation (pp), then the "
+                   "range over the seeds (in %)")
     lines = [f"# Ilyas et al. (2019) reproduced through advex — preset `{p.name}`", "",
-             f"Dataset **{p.dataset}**, architecture **{p.arch}** {p.arch_args or ''}; wall time {wall / 60:.1f} min.",
-             "Accuracies are on the original test set "
-             f"({p.test_limit or 'all'} examples); robust accuracy is PGD-{p.eval_steps} at L2 eps {eps_text} "
-             "(the paper reports eps 0.25). The paper's numbers are for CIFAR-10 with ResNet-50.", "",
-             "| training set | standard acc. | paper | robust acc. (L2 0.25) | paper | "
-             + " | ".join(f"robust @{e:g}" for e in p.eval_eps if e != 0.25) + " |",
-             "|---|---|---|---|---|" + "---|" * sum(e != 0.25 for e in p.eval_eps)]
-    for r in rows:
-        extra = " | ".join(fmt_rate(r.sweep.get(f"{e:g}")) for e in p.eval_eps if e != 0.25)
-        lines.append(f"| {r.training_set} | {fmt_rate(r.clean)} | {fmt_rate(PAPER[r.training_set][0])} | "
-                     f"{fmt_rate(r.robust_025)} | {fmt_rate(PAPER[r.training_set][1])} | {extra} |")
+             f"Dataset **{p.dataset}**, architecture **{p.arch}** {p.arch_args or ''}; seeds {seeds}; wall time "
+             f"{wall / 60:.1f} min.",
+             f"Accuracies are on the original test set ({p.test_limit or 'all'} examples). Robust accuracy is the "
+             f"worst case per example of the {_suite_text(rows, p)} suite at L2 eps "
+             f"{', '.join(f'{e:g}' for e in p.eval_eps)} (the paper reports PGD at eps 0.25); {spread}. "
+             "The paper's numbers are for CIFAR-10 with ResNet-50.", "",
+             f"**{CONTROL}** is a standard model trained on the same {p.build_limit or 'all'} images of D the "
+             "constructed sets were built from, with their training settings: D_R's gap to it is the effect of the "
+             "construction, not of less data or fewer epochs. The paper has no such row (—).", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
     lines += ["", "![figure 2](figure2.png)", "",
-              "Figure 2: bars are this run (standard accuracy, then robust accuracy at each eps); black marks are the "
-              "paper's numbers (standard accuracy and robust accuracy at eps 0.25).", "",
+              "Figure 2: bars are this run (standard accuracy, then robust accuracy at each eps; whiskers: "
+              + ("the 95% interval" if len(seeds) == 1 else "± one standard deviation over the seeds")
+              + "); black marks are the paper's numbers (standard accuracy and robust accuracy at eps 0.25).", "",
               "## Reductions from the paper's settings", ""]
     lines += [f"- {r}" for r in p.reductions] or ["- none"]
     lines += ["", "## Settings", "", "```json", json.dumps(
         {k: v for k, v in asdict(p).items() if k not in ("reductions", "name")}, indent=2, default=str), "```",
         "", "## Construction diagnostics", ""]
-    for r in rows[2:]:
-        lines.append(f"- **{r.training_set}** (`{r.dataset_id}`): " + ", ".join(f"{k} {v}" for k, v in r.diagnostics.items()))
+    for r in rows:
+        if r.diagnostics:
+            lines.append(f"- **{r.training_set}**, seed {r.seed} (`{r.dataset_id}`): "
+                         + ", ".join(f"{k} {v}" for k, v in r.diagnostics.items()))
     lines += ["", "## Samples", "", "Rows: training images x, then the example of each constructed set with the same "
-              "index (D_R / D_NR keep the label y; D_rand / D_det carry the target label).", "",
+              "index (D_R / D_NR keep the label y; D_rand / D_det carry the target label); seed 0.", "",
               "![samples](samples.png)", "", "## Models", ""]
-    lines += [f"- {r.training_set}: model `{r.model_id}` trained on `{r.dataset_id}`" for r in rows]
+    lines += [f"- {r.training_set}, seed {r.seed}: model `{r.model_id}` trained on `{r.dataset_id}`" for r in rows]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
     draw_figure2(p, rows, out / "figure2.png")
@@ -235,13 +396,20 @@ def _write_report(client: Client, p: Preset, rows: list[Row], built: dict, out: 
 
 
 def draw_figure2(p: Preset, rows: list[Row], path: Path):
-    """figure2.png from the rows (also from a results.json: see scripts/redraw_figures.py)."""
-    return plots.figure2([r.training_set for r in rows], [r.clean for r in rows],
-                         {e: [r.sweep.get(f"{e:g}") for r in rows] for e in p.eval_eps}, path,
-                         title=f"advex reproduce ({p.name}, {p.dataset}): accuracy on the original test set",
-                         paper_standard=[PAPER[r.training_set][0] for r in rows],
-                         paper_robust={0.25: [PAPER[r.training_set][1] for r in rows]},
-                         paper_label="paper (CIFAR-10, ResNet-50)")
+    """figure2.png from the rows (also from a results.json: see scripts/redraw_figures.py): the
+    mean over seeds per bar, whiskers as in Spread.whisker."""
+    summary = summarize(rows, p)
+    names = list(summary)
+    seeds = len({r.seed for r in rows})
+    return plots.figure2(names, [summary[n]["clean"].mean for n in names],
+                         {e: [summary[n][f"{e:g}"].mean for n in names] for e in p.eval_eps}, path,
+                         title=f"advex reproduce ({p.name}, {p.dataset}, {seeds} seed{'s' * (seeds > 1)}): "
+                               "accuracy on the original test set",
+                         paper_standard=[PAPER[n][0] for n in names],
+                         paper_robust={PAPER_EPS: [PAPER[n][1] for n in names]},
+                         paper_label="paper (CIFAR-10, ResNet-50)",
+                         standard_whiskers=[summary[n]["clean"].whisker() for n in names],
+                         robust_whiskers={e: [summary[n][f"{e:g}"].whisker() for n in names] for e in p.eval_eps})
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
@@ -326,6 +494,14 @@ class TransferRow:
     unconditional_rate: Optional[float] = None  # None when the target gets no example right
     successful_on_source: int = 0
     transferred: int = 0
+    # the paper's reading: among the source's successes that the target classifies correctly on x
+    conditional_rate: Optional[float] = None    # transferred_target_correct / successful_target_correct
+    successful_target_correct: int = 0
+    transferred_target_correct: int = 0
+    d_det_accuracy_ci: Optional[list] = None    # 95% intervals [lower, upper] from the server
+    transfer_rate_ci: Optional[list] = None
+    unconditional_rate_ci: Optional[list] = None
+    conditional_rate_ci: Optional[list] = None
 
 
 def pearson_r(xs, ys) -> Optional[float]:
@@ -339,6 +515,23 @@ def pearson_r(xs, ys) -> Optional[float]:
     if a.std() == 0 or b.std() == 0:
         return None
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def pearson_interval(r: Optional[float], n: int, z: float = 1.959964) -> Optional[list]:
+    """The approximate 95% interval of Pearson's r over n pairs (Fisher's z-transform: atanh(r) is
+    about normal with standard error 1/sqrt(n-3)); None when r is unknown or n < 4. With few pairs it
+    is wide, and says so: r over 4 architectures is one noisy number."""
+    if r is None or n < 4:
+        return None
+    centre = math.atanh(max(-0.999999, min(0.999999, r)))
+    half = z / math.sqrt(n - 3)
+    return [math.tanh(centre - half), math.tanh(centre + half)]
+
+
+def _fmt_interval(ci: Optional[Sequence[float]], spec: str = "pct") -> str:
+    if ci is None:
+        return "n/a"
+    return f"{ci[0]:.2f} to {ci[1]:.2f}" if spec == "r" else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
 
 
 def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[str], None] = print) -> dict:
@@ -365,9 +558,10 @@ def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[st
 
     log("\n[3/4] Accuracy on the original test set")
     for row in rows:
-        for model_id, attr in ((row.model_on_d, "clean_accuracy_on_d"), (row.model_on_d_det, "d_det_accuracy")):
-            ev = client.evaluate(model_id, d, split="test", limit=p.test_limit).result()
-            setattr(row, attr, ev.clean_accuracy)
+        row.clean_accuracy_on_d = client.evaluate(row.model_on_d, d, split="test", limit=p.test_limit).result() \
+            .clean_accuracy
+        ev = client.evaluate(row.model_on_d_det, d, split="test", limit=p.test_limit).result()
+        row.d_det_accuracy, row.d_det_accuracy_ci = ev.clean_accuracy, _interval(ev, "clean_accuracy_ci")
 
     log("\n[4/4] Transfer from the source to each architecture (trained on D)")
     attack = dict(p.transfer_attack)
@@ -377,10 +571,19 @@ def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[st
     for row, pair in zip(rows, tr.pairs):
         row.transfer_rate = rate(pair.transferred, pair.successful_on_source)
         row.unconditional_rate = rate(pair.fooled_target, pair.examples if targeted else pair.correct_on_target)
+        row.conditional_rate = rate(pair.transferred_target_correct, pair.successful_target_correct)
         row.successful_on_source, row.transferred = pair.successful_on_source, pair.transferred
+        row.successful_target_correct = pair.successful_target_correct
+        row.transferred_target_correct = pair.transferred_target_correct
+        row.transfer_rate_ci = _interval(pair, "transfer_rate_ci")
+        row.unconditional_rate_ci = _interval(pair, "unconditional_rate_ci")
+        row.conditional_rate_ci = _interval(pair, "conditional_transfer_rate_ci")
 
-    corr = pearson_r([r.transfer_rate for r in rows], [r.d_det_accuracy for r in rows])
+    corr = pearson_r([r.conditional_rate for r in rows], [r.d_det_accuracy for r in rows])
+    known = sum(r.conditional_rate is not None for r in rows)
     summary = {"preset": asdict(p), "rows": [asdict(r) for r in rows], "pearson_r": corr,
+               "pearson_r_ci": pearson_interval(corr, known),
+               "correlated": "conditional_rate vs d_det_accuracy",
                "d_det": {"dataset_id": d_det.dataset_id, "target_hit_rate": d_det.target_hit_rate},
                "source_model_id": source, "definition": tr.definition, "wall_seconds": time.perf_counter() - t0}
     _write_transfer_report(p, rows, summary, out, log)
@@ -389,13 +592,30 @@ def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[st
 
 
 def _correlation_text(rows: list[TransferRow], corr: Optional[float]) -> str:
-    known = sum(r.transfer_rate is not None for r in rows)
+    known = sum(r.conditional_rate is not None for r in rows)
     over = f"{len(rows)}" if known == len(rows) else f"{known} of {len(rows)}"
     if corr is not None:
-        return f"Pearson r = {corr:.2f} over {over} architectures"
+        ci = pearson_interval(corr, known)
+        return f"Pearson r = {corr:.2f} over {over} architectures (95% interval {_fmt_interval(ci, 'r')})"
     if known < 3:
         return f"Pearson r = n/a ({over} architectures have a transfer rate; it takes 3)"
     return f"Pearson r = n/a (over {over} architectures, one of the two values does not vary)"
+
+
+def _rate_cell(value: Optional[float], ci: Optional[Sequence[float]]) -> str:
+    return fmt_rate(value) if value is None or ci is None else f"{fmt_rate(value)} ({_fmt_interval(ci)})"
+
+
+TRANSFER_HEADERS = ["architecture", "acc. on D", "acc. after D_det", "transfer rate (target right on x)",
+                    "transferred", "transfer rate (all)", "unconditional"]
+
+
+def transfer_cells(rows: Sequence[TransferRow]) -> list[list[str]]:
+    return [[r.architecture, fmt_rate(r.clean_accuracy_on_d), _rate_cell(r.d_det_accuracy, r.d_det_accuracy_ci),
+             _rate_cell(r.conditional_rate, r.conditional_rate_ci),
+             f"{r.transferred_target_correct}/{r.successful_target_correct}",
+             _rate_cell(r.transfer_rate, r.transfer_rate_ci), _rate_cell(r.unconditional_rate, r.unconditional_rate_ci)]
+            for r in rows]
 
 
 def _write_transfer_report(p: TransferPreset, rows: list[TransferRow], summary: dict, out: Path,
@@ -404,31 +624,34 @@ def _write_transfer_report(p: TransferPreset, rows: list[TransferRow], summary: 
     loses no result."""
     (out / "transfer.json").write_text(json.dumps(summary, indent=2, default=str))
     corr, wall = summary["pearson_r"], summary["wall_seconds"]
-    headers = ["architecture", "acc. on D", "acc. after D_det", "transfer rate", "unconditional", "transferred"]
-    cells = [[r.architecture, fmt_rate(r.clean_accuracy_on_d), fmt_rate(r.d_det_accuracy), fmt_rate(r.transfer_rate),
-              fmt_rate(r.unconditional_rate), f"{r.transferred}/{r.successful_on_source}"] for r in rows]
+    cells = transfer_cells(rows)
     lines = [f"# Transferability and D_det (Ilyas et al. §3.3) through advex — preset `{p.name}`", "",
              PAPER_TRANSFER_CLAIM, "",
              f"Here: source **{p.source_arch}** {p.source_args or ''} on **{p.dataset}**; D_det target-hit rate "
              f"{fmt_rate(summary['d_det']['target_hit_rate'])}; wall time {wall / 60:.1f} min. "
-             f"**{_correlation_text(rows, corr)}**, between the transfer rate and the accuracy after training on "
-             "D_det.", ""]
-    if any(r.transfer_rate is None for r in rows):
-        lines += ["A transfer rate reads n/a where the source's attack succeeded on no test example (0/0); "
-                  "such architectures are left out of the correlation and the figure.", ""]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+             f"**{_correlation_text(rows, corr)}**, between the transfer rate (target right on x) and the accuracy "
+             "after training on D_det.", "",
+             "The transfer rate is read as in the paper: among the source's successful adversarial examples whose "
+             "clean x the target classifies correctly, the fraction that also fool the target (`transferred` "
+             "counts them), so that a target's own clean errors do not count as transferred. Beside it, the rate "
+             "over all the source's successes and the unconditional rate. Every rate carries its 95% "
+             "Clopper-Pearson interval (from the server); r its Fisher-z interval.", ""]
+    if any(r.conditional_rate is None for r in rows):
+        lines += ["A transfer rate reads n/a where no source success was classified correctly by the target on x "
+                  "(0/0); such architectures are left out of the correlation and the figure.", ""]
+    lines += ["| " + " | ".join(TRANSFER_HEADERS) + " |", "|" + "---|" * len(TRANSFER_HEADERS)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     lines += ["", "![transfer vs D_det](transfer_vs_d_det.png)", "", "## Definitions", "", summary["definition"], "",
               "## Reductions", ""] + [f"- {r}" for r in p.reductions]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    log("\n" + table(headers, cells))
+    log("\n" + table(TRANSFER_HEADERS, cells))
     draw_transfer_figure(p, rows, corr, out / "transfer_vs_d_det.png")
 
 
 def draw_transfer_figure(p: TransferPreset, rows: list[TransferRow], corr: Optional[float], path: Path):
     """transfer_vs_d_det.png (also from a transfer.json: see scripts/redraw_figures.py)."""
-    return plots.scatter([(r.architecture, r.transfer_rate, r.d_det_accuracy) for r in rows], path,
-                         xlabel="transfer rate from the source (targets trained on D)",
+    return plots.scatter([(r.architecture, r.conditional_rate, r.d_det_accuracy) for r in rows], path,
+                         xlabel="transfer rate from the source (targets trained on D; target right on x)",
                          ylabel="test accuracy after training on D_det",
                          title=f"advex reproduce transfer ({p.name}): {len(rows)} architectures, "
                                f"source {p.source_arch}",
