@@ -7,12 +7,14 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from advex.engine.apgd import apgd, checkpoint_fractions, checkpoints, halve_step
 from advex.engine.objectives import dlr_loss
 from advex.engine.threat import per_example_norm
 
-from conftest import LINEAR_DIM, LINEAR_MARGIN, linear_model, linear_points, require_module, ten_class_data
+from conftest import (LINEAR_DIM, LINEAR_MARGIN, flat_then_linear, linear_model, linear_points, require_module,
+                      ten_class_data)
 
 D, MARGIN = LINEAR_DIM, LINEAR_MARGIN
 
@@ -101,14 +103,6 @@ def test_targeted_dlr_grows_as_the_target_catches_up():
 
 # ------------------------------------------------------------------ 4. random starts
 
-def flat_then_linear(v: torch.Tensor) -> torch.Tensor:
-    """Class 1 scores sum_i relu(|v_i - 0.5| - 0.1) - 0.55 over 8 coordinates, class 0 scores 0.
-    At v = 0.5 the gradient is zero; within eps = 0.2 only a start with >= 6 coordinates beyond
-    0.1 of the centre can be pushed to a misclassification (a start decides success)."""
-    s = torch.relu((v.flatten(1) - 0.5).abs() - 0.1).sum(1) - 0.55
-    return torch.stack([torch.zeros_like(s), s], 1)
-
-
 def test_more_restarts_never_weaker_and_seed_matters(one_thread):
     x = torch.full((200, 8), 0.5)
     y = torch.zeros(200, dtype=torch.long)
@@ -195,3 +189,56 @@ def test_dlr_on_a_two_class_model_runs_as_cross_entropy():
         out = apgd(model.logits, x, y, norm="Linf", eps=eps, steps=20, loss="dlr", targeted=targeted)
         ce = apgd(model.logits, x, y, norm="Linf", eps=eps, steps=20, loss="ce", targeted=targeted)
         assert out.success.all() and torch.equal(out.x, ce.x)
+
+
+# ------------------------------------------------------------------ the schedule, iterate by iterate
+
+PEAK, PEAK_EPS, PEAK_STEPS = 0.3, 1.0, 20
+
+
+def _peak(v: torch.Tensor) -> torch.Tensor:
+    """Two classes, y = 0; CE = softplus(-|v - PEAK|) peaks at v = PEAK inside the ball [-1, 1]; never misclassified."""
+    return torch.stack([torch.zeros(len(v)), -(v[:, 0] - PEAK).abs()], 1)
+
+
+def _ce(v):
+    return F.cross_entropy(_peak(v), torch.zeros(len(v), dtype=torch.long), reduction="none")
+
+
+def _reference(start: torch.Tensor) -> list[torch.Tensor]:
+    """The paper's APGD iterates, one coordinate, x = 0, Linf ball of radius PEAK_EPS, no box."""
+    ws = [0, 5, 9, 12, 14, 16, 18, 19, 20]  # ceil(p_j * 20), p = 0, .22, .41, .57, .70, .80, .87, .93, .99
+    intervals = {w: w - v for v, w in zip(ws, ws[1:]) if w < PEAK_STEPS}
+    clip, sign = (lambda v: v.clamp(-PEAK_EPS, PEAK_EPS)), (lambda v: torch.sign(PEAK - v))
+    cur = prev = best = start
+    l_cur = l_best = _ce(start)
+    eta = torch.full_like(l_cur, 2 * PEAK_EPS)
+    eta_last, best_last, inc, g, out = eta.clone(), l_best.clone(), torch.zeros_like(l_cur), sign(start), []
+    for k in range(PEAK_STEPS):
+        z = clip(cur + eta[:, None] * g)
+        prev, cur = cur, (z if k == 0 else clip(cur + 0.75 * (z - cur) + 0.25 * (cur - prev)))
+        out.append(cur)
+        l_new = _ce(cur)
+        inc, l_cur = inc + (l_new > l_cur).float(), l_new
+        better = l_new > l_best
+        best, l_best = torch.where(better[:, None], cur, best), torch.where(better, l_new, l_best)
+        if k + 1 in intervals:
+            halve = (inc < 0.75 * intervals[k + 1]) | ((eta == eta_last) & (l_best == best_last))
+            eta_last, best_last, eta = eta, l_best, torch.where(halve, eta / 2, eta)
+            cur = torch.where(halve[:, None], best, cur)  # restart from the best point,
+            prev = torch.where(halve[:, None], best, prev)  # with no momentum
+            l_cur, inc = torch.where(halve, l_best, l_cur), torch.zeros_like(inc)
+        g = sign(cur)
+    return out
+
+
+def test_apgd_iterates_follow_the_papers_schedule_on_a_peaked_loss():
+    seen = []
+    forward = lambda v: (seen.append(v.detach().clone()), _peak(v))[1]
+    x, y = torch.zeros(64, 1), torch.zeros(64, dtype=torch.long)
+    apgd(forward, x, y, norm="Linf", eps=PEAK_EPS, steps=PEAK_STEPS, box=None, early_stop=False, seed=5)
+    start, iterates = seen[1], seen[2:]  # seen[0]: the clean input
+    expected = _reference(start)
+    assert len(iterates) == PEAK_STEPS
+    for k, (got, want) in enumerate(zip(iterates, expected)):
+        assert torch.allclose(got, want, atol=1e-6), (k, (got - want).abs().max())

@@ -12,6 +12,8 @@ from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.threat import L2Ball, LinfBall, per_example_norm
 from advex.engine.zoo import Linear
 
+from conftest import flat_then_linear
+
 D = 64
 MARGIN = 0.5  # |f(x)| for every point
 
@@ -101,3 +103,32 @@ def test_restarts_keep_the_best_iterate_and_seed_is_reproducible():
     margin_a = (model(a.x_adv)[:, 1] - model(a.x_adv)[:, 0]) * (2 * y - 1)
     margin_one = (model(one.x_adv)[:, 1] - model(one.x_adv)[:, 0]) * (2 * y - 1)
     assert (margin_a <= margin_one + 1e-5).all()
+
+
+def _flat(v: torch.Tensor) -> torch.Tensor:
+    """Constant logits with a zero gradient: a Linf step (sign(0) = 0) never moves an iterate, so
+    the best iterate PGD returns is its starting point."""
+    return v.flatten(1).sum(1, keepdim=True) * 0 + torch.tensor([1.0, 0.0])
+
+
+def test_pgd_starts_at_a_uniform_point_of_the_ball_unless_random_start_is_false():
+    x, y, eps = torch.full((400, 1, 8, 8), 0.5), torch.zeros(400, dtype=torch.long), 0.1
+    out = attack(_flat, x, y, AttackConfig(norm="Linf", eps=eps, method="pgd", steps=5, seed=3))
+    delta = out.x_adv - x
+    assert delta.abs().max() <= eps + 1e-6
+    assert abs(float(delta.abs().mean()) - eps / 2) < 0.005  # U[-eps, eps] per pixel: E|d| = eps/2
+    assert abs(float(delta.mean())) < 0.005
+    again = attack(_flat, x, y, AttackConfig(norm="Linf", eps=eps, method="pgd", steps=5, seed=4))
+    assert not torch.equal(again.x_adv, out.x_adv)  # the seed draws the start
+    fixed = attack(_flat, x, y, AttackConfig(norm="Linf", eps=eps, method="pgd", steps=5, seed=3, random_start=False))
+    assert torch.equal(fixed.x_adv, x)
+
+
+def test_pgd_restarts_raise_the_success_rate_where_only_the_start_decides():
+    x, y = torch.full((400, 8), 0.5), torch.zeros(400, dtype=torch.long)
+    runs = {r: attack(flat_then_linear, x, y, AttackConfig(norm="Linf", eps=0.2, method="pgd", steps=10, restarts=r))
+            for r in (0, 3)}
+    rate = {r: float(out.success.float().mean()) for r, out in runs.items()}
+    assert 0.05 < rate[0] < 0.3, rate  # P(Binomial(8, 1/2) >= 6) = 0.145
+    assert (runs[3].success >= runs[0].success).all()  # run 0 is the same draw
+    assert rate[3] > 1 - (1 - 0.145) ** 4 - 0.1, rate  # 4 independent starts: ~0.47
