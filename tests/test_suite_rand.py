@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 
+from advex.client.cli import main as cli_main
 from advex.engine import zoo
 from advex.engine.apgd import apgd
 from advex.engine.attacks import MAX_EOT, AttackConfig, attack
@@ -329,7 +330,7 @@ def _linear_upload(client, net, tmp_path, name, **arch_args):
                                name=name, arch_args={k: str(v) for k, v in arch_args.items()})
 
 
-def test_the_service_runs_the_rand_suite_and_flags_a_randomized_model(client, tmp_path):
+def test_the_service_runs_the_rand_suite_and_flags_a_randomized_model(client, server, capsys, tmp_path):
     """Zoo weights with input noise (arch_args input_noise_std) and the same weights without."""
     import numpy as np
 
@@ -352,6 +353,15 @@ def test_the_service_runs_the_rand_suite_and_flags_a_randomized_model(client, tm
     ev = client.evaluate(ids["noisy"], data, suite="autoattack-fast",
                          attacks=[{"norm": "L2", "eps": [0.5]}]).result(progress=False)
     assert ev.gradient_masking_suspected and any("suite rand" in note for note in ev.notes), list(ev.notes)
+    # the CLI says it too, after the table
+    assert cli_main(["--target", server.target, "evaluate", "--model", ids["noisy"], "--dataset", data,
+                     "--suite", "rand", "--attack", "norm=L2,eps=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "rand: after apgd-dlr L2 (100 steps x 20 EOT)" in out and "note: the model is randomized" in out
+    assert cli_main(["--target", server.target, "evaluate", "--model", ids["noisy"], "--dataset", data,
+                     "--suite", "autoattack-fast", "--attack", "norm=L2,eps=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: gradient masking suspected" in out and "evaluate it with suite rand" in out
     ev = client.evaluate(ids["plain"], data, suite="autoattack-fast",
                          attacks=[{"norm": "L2", "eps": [0.5]}]).result(progress=False)
     assert not ev.gradient_masking_suspected and not any("randomized" in note for note in ev.notes)

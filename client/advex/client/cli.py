@@ -198,9 +198,17 @@ def cmd_evaluate(args) -> int:
     for r in result.robust:
         norm = "L2" if r.attack.norm == 2 else "Linf"
         name = f"{r.suite}: after {r.attack.method}" if r.suite else r.attack.method
-        rows.append([f"{name} {norm} ({r.attack.steps} steps)", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}",
+        steps = f"{r.attack.steps} {'queries' if r.attack.method == 'square' else 'steps'}"
+        steps += f" x {r.attack.eot} EOT" if r.attack.eot > 1 else ""
+        rows.append([f"{name} {norm} ({steps})", f"{r.attack.eps:g}", f"{r.robust_accuracy:.2%}",
                      fmt_ci(r, "robust_accuracy_ci")])
     print(table(["attack", "eps", "accuracy", "95% CI"], rows))
+    for s in result.skipped:
+        print(f"skipped {s.attack.method}: {s.reason}")
+    if result.gradient_masking_suspected:
+        print("WARNING: gradient masking suspected: the robust accuracies above may overstate robustness")
+    for note in result.notes:
+        print(f"note: {note}")
     for curve in result.distance_curves:
         norm = "L2" if curve.norm == 2 else "Linf"
         points = list(curve.points)
