@@ -24,12 +24,14 @@ def redraw(folder: Path) -> list[Path]:
         data = json.loads((folder / "transfer.json").read_text())
         preset = reproduce.TransferPreset(**data["preset"])
         rows = [reproduce.TransferRow(**r) for r in data["rows"]]
+        # a transfer.json from before the conditional rate: its figure shows the rate it has
+        rate_name = "conditional_rate" if any("conditional_rate" in r for r in data["rows"]) else "transfer_rate"
         # a transfer rate over 0/0 is n/a, whatever an older transfer.json stored for it
         for r in rows:
             if not r.successful_on_source:
                 r.transfer_rate = None
-        corr = reproduce.pearson_r([r.transfer_rate for r in rows], [r.d_det_accuracy for r in rows])
-        reproduce.draw_transfer_figure(preset, rows, corr, folder / "transfer_vs_d_det.png")
+        corr = reproduce.pearson_r([getattr(r, rate_name) for r in rows], [r.d_det_accuracy for r in rows])
+        reproduce.draw_transfer_figure(preset, rows, corr, folder / "transfer_vs_d_det.png", rate_name)
         drawn.append(folder / "transfer_vs_d_det.png")
     return drawn
 

@@ -405,3 +405,28 @@ def test_every_model_of_a_seed_is_trained_with_that_seed(tmp_path):
             seeds[k.get("name") or args[0]].append(k["seed"])
     assert len(seeds) == 11  # 7 trainings (3 on D, 4 on the built sets) and 4 constructions
     assert all(v == [0, 1, 2] for v in seeds.values()), dict(seeds)
+
+
+def test_redraw_reads_an_older_transfer_json_by_the_rate_it_has(tmp_path, monkeypatch):
+    """bench/results' transfer.json predates the conditional rate: its figure shows the rate over all
+    source successes (all four points, r 0.88), not four n/a points."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from advex.client import plots
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("redraw_figures", root / "scripts" / "redraw_figures.py")
+    redraw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(redraw)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    shutil.copy(root / "bench" / "results" / "reproduce-transfer-small" / "transfer.json", folder)
+    drawn = []
+    monkeypatch.setattr(plots, "scatter", lambda points, path, **k: drawn.append((points, k)))
+    redraw.redraw(folder)
+    (points, k), = drawn
+    assert [p[0] for p in points] == ["small_cnn", "resnet18", "mlp", "linear"]
+    assert all(p[1] is not None for p in points) and "all source successes" in k["xlabel"]
+    assert k["note"].startswith("Pearson r = 0.88 over 4 architectures")

@@ -591,8 +591,12 @@ def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[st
     return summary
 
 
-def _correlation_text(rows: list[TransferRow], corr: Optional[float]) -> str:
-    known = sum(r.conditional_rate is not None for r in rows)
+CORRELATED = {"conditional_rate": "transfer rate from the source (targets trained on D; target right on x)",
+              "transfer_rate": "transfer rate from the source (targets trained on D; all source successes)"}
+
+
+def _correlation_text(rows: list[TransferRow], corr: Optional[float], rate_name: str = "conditional_rate") -> str:
+    known = sum(getattr(r, rate_name) is not None for r in rows)
     over = f"{len(rows)}" if known == len(rows) else f"{known} of {len(rows)}"
     if corr is not None:
         ci = pearson_interval(corr, known)
@@ -648,11 +652,13 @@ def _write_transfer_report(p: TransferPreset, rows: list[TransferRow], summary: 
     draw_transfer_figure(p, rows, corr, out / "transfer_vs_d_det.png")
 
 
-def draw_transfer_figure(p: TransferPreset, rows: list[TransferRow], corr: Optional[float], path: Path):
-    """transfer_vs_d_det.png (also from a transfer.json: see scripts/redraw_figures.py)."""
-    return plots.scatter([(r.architecture, r.conditional_rate, r.d_det_accuracy) for r in rows], path,
-                         xlabel="transfer rate from the source (targets trained on D; target right on x)",
-                         ylabel="test accuracy after training on D_det",
+def draw_transfer_figure(p: TransferPreset, rows: list[TransferRow], corr: Optional[float], path: Path,
+                         rate_name: str = "conditional_rate"):
+    """transfer_vs_d_det.png (also from a transfer.json: see scripts/redraw_figures.py). rate_name:
+    the rate on the x axis, the one `corr` was computed over (an older transfer.json has only
+    "transfer_rate")."""
+    return plots.scatter([(r.architecture, getattr(r, rate_name), r.d_det_accuracy) for r in rows], path,
+                         xlabel=CORRELATED[rate_name], ylabel="test accuracy after training on D_det",
                          title=f"advex reproduce transfer ({p.name}): {len(rows)} architectures, "
                                f"source {p.source_arch}",
-                         note=_correlation_text(rows, corr))
+                         note=_correlation_text(rows, corr, rate_name))
