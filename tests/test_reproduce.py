@@ -408,10 +408,9 @@ def test_every_model_of_a_seed_is_trained_with_that_seed(tmp_path):
 
 
 def test_redraw_reads_an_older_transfer_json_by_the_rate_it_has(tmp_path, monkeypatch):
-    """bench/results' transfer.json predates the conditional rate: its figure shows the rate over all
-    source successes (all four points, r 0.88), not four n/a points."""
+    """A transfer.json from before the conditional rate (bench/results' with those fields taken
+    out): its figure shows the rate over all source successes, not four n/a points."""
     import importlib.util
-    import shutil
     from pathlib import Path
 
     from advex.client import plots
@@ -420,13 +419,19 @@ def test_redraw_reads_an_older_transfer_json_by_the_rate_it_has(tmp_path, monkey
     spec = importlib.util.spec_from_file_location("redraw_figures", root / "scripts" / "redraw_figures.py")
     redraw = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(redraw)
+    data = json.loads((root / "bench" / "results" / "reproduce-transfer-small" / "transfer.json").read_text())
+    newer = ("conditional_rate", "successful_target_correct", "transferred_target_correct", "d_det_accuracy_ci",
+             "transfer_rate_ci", "unconditional_rate_ci", "conditional_rate_ci")
+    data["rows"] = [{k: v for k, v in row.items() if k not in newer} for row in data["rows"]]
     folder = tmp_path / "t"
     folder.mkdir()
-    shutil.copy(root / "bench" / "results" / "reproduce-transfer-small" / "transfer.json", folder)
+    (folder / "transfer.json").write_text(json.dumps(data))
     drawn = []
     monkeypatch.setattr(plots, "scatter", lambda points, path, **k: drawn.append((points, k)))
     redraw.redraw(folder)
     (points, k), = drawn
     assert [p[0] for p in points] == ["small_cnn", "resnet18", "mlp", "linear"]
-    assert all(p[1] is not None for p in points) and "all source successes" in k["xlabel"]
-    assert k["note"].startswith("Pearson r = 0.88 over 4 architectures")
+    assert [p[1] for p in points] == [row["transfer_rate"] for row in data["rows"]]
+    assert "all source successes" in k["xlabel"]
+    r = reproduce.pearson_r([row["transfer_rate"] for row in data["rows"]], [row["d_det_accuracy"] for row in data["rows"]])
+    assert k["note"].startswith(f"Pearson r = {r:.2f} over 4 architectures")
