@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("experiment", nargs="?", default="datasets", choices=["datasets", "transfer"],
                     help="datasets: D, D_R, D_NR, D_rand, D_det (§3.1-3.2); transfer: transferability vs D_det (§3.3)")
     rp.add_argument("--preset", default="small", choices=["tiny", "small", "cifar10"],
-                    help="small: Fashion-MNIST on 2 CPU cores in ~20 min; cifar10: the paper's settings, for a GPU; "
-                         "tiny: a one-minute smoke test")
+                    help="small: Fashion-MNIST on 2 CPU cores in ~55 min; cifar10: the paper's settings, for a GPU; "
+                         "tiny: a smoke test of a few minutes")
     rp.add_argument("--arch", default="", help="override the preset's architecture (e.g. resnet50)")
     rp.add_argument("--out", default="", help="report folder (default reproduce-<preset>)")
     rp.add_argument("--seeds", type=_positive_int, default=1,
