@@ -39,7 +39,12 @@ def fmt_ci(message, field: str, digits: int = 1) -> str:
     if not message.HasField(field):
         return "n/a"
     ci = getattr(message, field)
-    return f"{100 * ci.lower:.{digits}f}-{100 * ci.upper:.{digits}f}%"
+    return fmt_range(ci.lower, ci.upper, digits)
+
+
+def fmt_range(lower: float, upper: float, digits: int = 1, unit: str = "%") -> str:
+    """Two rates as a range in %: "80.9-85.4%" (unit "" leaves the sign out)."""
+    return f"{100 * lower:.{digits}f}-{100 * upper:.{digits}f}{unit}"
 
 
 def _fmt(v: object) -> str:

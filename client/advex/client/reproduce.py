@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from advex.client import plots
-from advex.client.render import fmt_rate, image_grid, rate, table
+from advex.client.render import fmt_range, fmt_rate, image_grid, rate, table
 from advex.client.sdk import Client
 
 CONTROL = "D (matched control)"
@@ -273,8 +273,8 @@ class Spread:
             return "n/a"
         if len(self.values) == 1:
             ci = self.interval
-            return fmt_rate(self.mean) + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
-        return f"{fmt_rate(self.mean)} ± {100 * self.sd:.1f} ({100 * min(self.values):.1f}-{100 * max(self.values):.1f})"
+            return fmt_rate(self.mean) + (f" ({fmt_range(*ci, unit='')})" if ci else "")
+        return f"{fmt_rate(self.mean)} ± {100 * self.sd:.1f} ({fmt_range(min(self.values), max(self.values), unit='')})"
 
     def whisker(self) -> Optional[tuple]:
         """The figure's whisker: the 95% interval (one seed) or mean ± sd (several)."""
@@ -531,7 +531,7 @@ def pearson_interval(r: Optional[float], n: int, z: float = 1.959964) -> Optiona
 def _fmt_interval(ci: Optional[Sequence[float]], spec: str = "pct") -> str:
     if ci is None:
         return "n/a"
-    return f"{ci[0]:.2f} to {ci[1]:.2f}" if spec == "r" else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
+    return f"{ci[0]:.2f} to {ci[1]:.2f}" if spec == "r" else fmt_range(*ci)
 
 
 def run_transfer(client: Client, p: TransferPreset, out: Path, log: Callable[[str], None] = print) -> dict:

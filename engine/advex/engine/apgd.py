@@ -48,6 +48,7 @@ ALPHA = 0.75        # momentum
 RHO = 0.75          # fraction of increasing steps below which the step size is halved
 P1, DECAY, MIN_INTERVAL = 0.22, 0.03, 0.06  # checkpoint schedule
 LOSSES = ("ce", "dlr")
+MAX_EOT = 100       # expectation over transformation: at most this many passes per evaluated point
 
 
 @dataclass
@@ -122,7 +123,7 @@ def apgd(
     attacked; an example leaves the batch at the first checkpoint after it is misclassified, and
     later runs attack only the survivors). False: every example runs every run to the end.
     on_step(step, total): after every step of every run; an exception raised in it stops the attack.
-    eot: passes averaged per evaluated point, for randomized models (1 <= eot <= 100; see above).
+    eot: passes averaged per evaluated point, for randomized models (1 <= eot <= MAX_EOT; see above).
     """
     if norm not in ("L2", "Linf"):
         raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
@@ -132,8 +133,8 @@ def apgd(
         raise ValueError("steps and restarts must be >= 0")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if not (isinstance(eot, int) and 1 <= eot <= 100):
-        raise ValueError(f"eot must be an integer in [1, 100], got {eot!r}")
+    if not (isinstance(eot, int) and 1 <= eot <= MAX_EOT):
+        raise ValueError(f"eot must be an integer in [1, {MAX_EOT}], got {eot!r}")
     if targeted and target_classes < 1:
         raise ValueError("APGD-T needs target_classes >= 1")
     threat = make_threat_model(norm, eps, box)

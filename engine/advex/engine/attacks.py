@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from advex.engine.apgd import MAX_EOT  # noqa: F401  (re-exported: the service validates against it)
 from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted, Forward
 from advex.engine.optimize import StepCallback, optimize
 from advex.engine.threat import Box, make_threat_model
@@ -21,7 +22,6 @@ GRADIENT_FREE = ("square",)
 APGD_TARGET_CLASSES = 9  # APGD-T and FAB-T: the classes with the highest clean logits other than the true one
 MULTI_TARGETED = ("apgd-t", "fab-t")  # a run per target class
 NORMS = ("L2", "Linf")
-MAX_EOT = 100  # expectation over transformation: at most this many samples per gradient
 
 
 @dataclass(frozen=True)

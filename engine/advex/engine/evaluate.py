@@ -58,7 +58,6 @@ SUITES: dict[str, tuple[AttackConfig, ...]] = {
     # AutoAttack's version='rand' (randomized defenses): one run each, eot_iter=20
     "rand": (AttackConfig(method="apgd-ce", steps=100, eot=20), AttackConfig(method="apgd-dlr", steps=100, eot=20)),
 }
-RAND_SUITE = "rand"
 
 
 def suite_sweeps(suite: str, norm: str, eps: tuple[float, ...], seed: int = 0) -> list[AttackSweep]:
