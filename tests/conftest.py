@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 DATA_ROOT_ENV = "ADVEX_DATA_ROOT"
+pytest_plugins = ["mlserver"]  # tests/mlserver.py: the session's MLServer (Open Inference Protocol)
 
 
 def data_roots() -> list[str]:
