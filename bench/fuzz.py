@@ -481,6 +481,25 @@ class Generator:
                 m.limit = 5  # built-ins in full are big: keep the fuzz quick
         elif method == "ExportModel":
             m = res.ExportModelRequest(model_id=model, dataset_id=dataset, limit=limit or 2)
+        elif method == "RegisterEndpoint":  # the fuzzed server allows no endpoint host: nothing is contacted
+            endpoint = res.EndpointSpec(
+                url=self.pick(["http://127.0.0.1:9", "grpc://[::1]:9", "https://10.0.0.1", "ftp://127.0.0.1:9",
+                               "http://u:p@127.0.0.1:9", "http://127.0.0.1:9/v2", "grpc://127.0.0.1", ""]),
+                model_name=self.pick(["linear", "../x", "", "a" * 200]), max_batch_size=self.pick([0, 1, 10 ** 6]))
+            m = res.RegisterEndpointRequest(spec=res.ModelSpec(format=res.ENDPOINT, input_shape=list(shape),
+                                                               num_classes=classes, endpoint=endpoint))
+        elif method == "Audit":
+            m = rpc.AuditRequest(name=self.pick(["nightly", "", "../x", "a" * 80]), dataset_id=dataset,
+                                 limit=limit or 2, batch_size=2)
+            m.targets.add(model_id=model, name=self.pick(["", "prod"]))
+            sweep = m.attacks.add(attack=self.attack_spec(image))
+            sweep.attack.steps = 1
+            m.thresholds.add(norm=sweep.attack.norm, eps=sweep.attack.eps, min_robust_accuracy=self.pick([0.0, 0.5, 2.0]))
+            if r.random() < 0.5:
+                m.max_drop = self.pick([0.0, 0.1, -1.0, float("nan")])
+        elif method == "ListAudits":
+            m = rpc.ListAuditsRequest(target=self.pick([model, "", "prod"]), audit_name=self.pick(["", "nightly"]),
+                                      page_size=self.pick([0, 1, 1000]), page_token=self.page_token())
         else:  # ListModels, ListDatasets
             m = message_factory.GetMessageClass(SERVICE.methods_by_name[method].input_type)(
                 page_size=self.pick([0, 1, 2, 1000]), page_token=self.page_token())

@@ -16,6 +16,8 @@ venv="${ADVEX_VENV:-.venv}"
 missing=""
 command -v openssl >/dev/null || missing="$missing openssl"
 command -v strace >/dev/null || missing="$missing strace"
+# test_audit_report renders the audit's HTML report in headless Chromium.
+command -v chromium >/dev/null || missing="$missing chromium"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

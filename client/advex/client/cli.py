@@ -220,6 +220,71 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    """advex audit SPEC.yaml | advex audit history TARGET: exit 0 pass, 1 breach, 2 error."""
+    from advex.client import audit
+
+    if args.spec == "history":
+        return _audit_history(args)
+    if args.target:
+        print(f"error: unexpected argument {args.target!r} (advex audit SPEC.yaml, or advex audit history TARGET)",
+              file=sys.stderr)
+        return audit.EXIT_ERROR
+    try:
+        spec, text = audit.load_spec(args.spec)
+    except audit.SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return audit.EXIT_ERROR
+    try:
+        client = _client(args)
+        result, op_id, kinds = audit.run(client, spec, text, progress=not args.quiet)
+        data = audit.report_data(client, spec, result, op_id, kinds)
+    except NoServer:
+        print(no_server_message(args.server), file=sys.stderr)
+        return audit.EXIT_ERROR
+    except grpc.RpcError as exc:
+        print(f"error: the audit could not run: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return audit.EXIT_ERROR
+    except OperationError as exc:
+        print(f"error: the audit could not run: {exc}", file=sys.stderr)
+        return audit.EXIT_ERROR
+    from advex.client.audit_report import write_reports
+
+    out_dir = args.output or spec.output
+    paths = write_reports(data, out_dir)
+    for t in data["targets"]:
+        print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']} ({t['model_id']})")
+        for c in t["checks"]:
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['message']}")
+    verdict = "PASSED" if data["passed"] else "FAILED: a threshold is breached"
+    print(f"audit {spec.name!r} {verdict}; report: {paths['html']} (also {paths['md'].name}, {paths['json'].name})")
+    return audit.EXIT_PASS if data["passed"] else audit.EXIT_BREACH
+
+
+def _audit_history(args) -> int:
+    from advex.client import audit
+    from advex.client.audit_report import draw_history, history_table
+
+    if not args.target:
+        print("error: advex audit history TARGET (a model id or a target name)", file=sys.stderr)
+        return audit.EXIT_ERROR
+    records = _client(args).list_audits(target=args.target, audit_name=args.name, limit=args.limit or None)
+    if not records:
+        print(f"no audits of {args.target!r}{f' named {args.name!r}' if args.name else ''}")
+        return audit.EXIT_PASS
+    records = sorted(records, key=lambda r: (r.create_time.seconds, r.create_time.nanos, r.id))
+    names = sorted({r.audit_name for r in records})
+    for name in names:
+        entries = [audit.history_entry(r) for r in records if r.audit_name == name]
+        print(f"audit {name!r} of {args.target!r}: {len(entries)} run(s)")
+        print(history_table(entries))
+        if args.plot:
+            path = args.plot if len(names) == 1 else f"{Path(args.plot).with_suffix('')}-{name}.png"
+            draw_history(entries, path, title=f"{args.target}: {name}")
+            print(f"wrote {path}")
+    return audit.EXIT_PASS
+
+
 def cmd_train(args) -> int:
     adversarial = None
     if args.adv_norm:
@@ -537,6 +602,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-wait", dest="wait", action="store_false")
     tr.set_defaults(fn=cmd_transfer)
+
+    au = sub.add_parser("audit", help="audit models or inference endpoints against a spec (exit 0 pass, 1 breach, "
+                                      "2 error), or show a target's history",
+                        description="advex audit SPEC.yaml: run the audit the spec describes (see "
+                                    "advex.client.audit) and write report.html, report.md and report.json. "
+                                    "advex audit history TARGET: the target's audits, oldest first, and a trend plot.")
+    au.add_argument("spec", help="the spec file (YAML), or the word history")
+    au.add_argument("target", nargs="?", default="", help="history: a model id or target name")
+    au.add_argument("--output", default="", help="report folder (default: the spec's output)")
+    au.add_argument("--name", default="", help="history: only audits of this name")
+    au.add_argument("--limit", type=int, default=100, help="history: the newest N audits (0 = all)")
+    au.add_argument("--plot", default="", help="history: draw the trend into this PNG")
+    au.add_argument("--quiet", action="store_true", help="no progress bar")
+    au.set_defaults(fn=cmd_audit)
 
     for name, fn, extra in (("models", cmd_models, True), ("datasets", cmd_datasets, True), ("ops", cmd_ops, False)):
         r = sub.add_parser(name, help=f"{name}: list, get, ...")

@@ -415,6 +415,69 @@ class Client:
     def delete_model(self, model_id: str) -> None:
         self._call("DeleteModel", res.DeleteModelRequest(model_id=model_id))
 
+    def register_endpoint(self, url: str, model_name: str, *, input_shape: Sequence[int], num_classes: int,
+                          model_version: str = "", input_name: str = "", output_name: str = "", name: str = "",
+                          layout: str = "", value_range: str = "", mean: Sequence[float] = (),
+                          std: Sequence[float] = (), max_batch_size: int = 0, timeout_seconds: float = 0.0,
+                          retries: Optional[int] = None, backoff_seconds: float = 0.0, max_qps: float = 0.0,
+                          credential: str = "", labels: Optional[Mapping[str, str]] = None) -> res.Model:
+        """A model served by an Open Inference Protocol server (Triton, KServe, MLServer, ...), as a
+        black box: url "http(s)://host:port" (REST) or "grpc(s)://host:port" (gRPC); the server
+        must allow the host (its endpoint_hosts setting). input_shape (C,H,W) and num_classes are
+        checked against the endpoint's metadata; input/output names default to the only ones it
+        has. credential: the name of one of the server's endpoint_credentials (never the secret).
+        Registering the same url, model and version again returns the same model id."""
+        endpoint = res.EndpointSpec(url=url, model_name=model_name, model_version=model_version, input_name=input_name,
+                                    output_name=output_name, max_batch_size=max_batch_size,
+                                    timeout_seconds=timeout_seconds, backoff_seconds=backoff_seconds, max_qps=max_qps,
+                                    credential=credential)
+        if retries is not None:
+            endpoint.retries = retries
+        spec = res.ModelSpec(name=name, format=res.ENDPOINT, num_classes=num_classes, input_shape=list(input_shape),
+                             mean=mean, std=std, labels=dict(labels or {}), layout=layout, value_range=value_range,
+                             endpoint=endpoint)
+        return self.stub.RegisterEndpoint(res.RegisterEndpointRequest(spec=spec), metadata=self.metadata,
+                                          timeout=max(self.timeout, 120.0))
+
+    # ------------------------------------------------------------------ audits
+    def audit(self, name: str, targets: Sequence[Union[str, Mapping[str, str]]], dataset_id: str, *,
+              attacks: Iterable[Mapping] = (), suite: str = "", split: str = "", limit: int = 0,
+              thresholds: Iterable[Mapping] = (), min_clean_accuracy: Optional[float] = None,
+              max_drop: Optional[float] = None, batch_size: int = 0, spec_text: str = "") -> Operation:
+        """Evaluate each target (a model id, or {"model_id": ..., "name": ...}) and judge it: thresholds
+        are dicts {"norm": "Linf", "eps": 0.03, "min_robust_accuracy": 0.4, "on_ci_lower": True};
+        max_drop: largest fall of robust accuracy (a fraction) against the target's last passing
+        audit of this name. The result is an AuditResult; the server keeps a record per target."""
+        req = rpc.AuditRequest(name=name, dataset_id=dataset_id, split=split, limit=limit, suite=suite,
+                               batch_size=batch_size, spec_text=spec_text)
+        for t in targets:
+            t = {"model_id": t} if isinstance(t, str) else dict(t)
+            req.targets.add(model_id=t.get("model_id", ""), name=t.get("name", ""))
+        for a in attacks:
+            a = dict(a)
+            if suite:
+                a.setdefault("method", "")
+            eps = a.pop("eps", [])
+            req.attacks.add(attack=attack_spec(**a), eps=[float(e) for e in (eps if isinstance(eps, (list, tuple))
+                                                                          else [eps])])
+        for th in thresholds:
+            norm = str(th["norm"]).lower()
+            if norm not in NORMS:
+                raise ValueError(f"thresholds: norm must be 'L2' or 'Linf', got {th['norm']!r}")
+            req.thresholds.add(norm=NORMS[norm], eps=float(th["eps"]), min_robust_accuracy=float(th["min_robust_accuracy"]),
+                               on_ci_lower=bool(th.get("on_ci_lower", False)))
+        if min_clean_accuracy is not None:
+            req.min_clean_accuracy = min_clean_accuracy
+        if max_drop is not None:
+            req.max_drop = max_drop
+        return Operation(self, self._call("Audit", req))
+
+    def list_audits(self, target: str = "", audit_name: str = "", page_size: int = 0,
+                    limit: Optional[int] = None) -> list[results.AuditRecord]:
+        """Audit records, newest first: of a target (model id or name) and audit name ("" = any)."""
+        return self._pages("ListAudits", rpc.ListAuditsRequest(target=target, audit_name=audit_name,
+                                                               page_size=page_size), limit)
+
     # ------------------------------------------------------------------ datasets
     def upload_dataset(self, data: Union[str, Path, bytes, tuple], *, name: str = "", split: str = "train",
                        num_classes: int = 0, domain: str = "image",
@@ -451,7 +514,7 @@ class Client:
         seen: set[str] = set()
         while limit is None or len(items) < limit:
             resp = self._call(method, request)
-            field = resp.DESCRIPTOR.fields_by_number[1].name  # models, datasets, operations
+            field = resp.DESCRIPTOR.fields_by_number[1].name  # models, datasets, operations, records
             items.extend(getattr(resp, field))
             token = resp.next_page_token
             if not token:

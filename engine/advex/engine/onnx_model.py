@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-LAYOUTS = ("NCHW", "NHWC")
-VALUE_RANGES = ("0-1", "0-255")
+from advex.engine.blackbox import check_layout, layout_shape, to_layout
 
 # onnxruntime's telemetry (the 1DS provider of recent releases on Linux and macOS) uploads events to
 # Microsoft (measured with 1.31.1: a DNS lookup of mobile.events.data.microsoft.com about 10 s
@@ -62,10 +61,7 @@ class OnnxNet(nn.Module):
                  value_range: str = "0-1", device: torch.device | str = "cpu") -> None:
         super().__init__()
         ort = onnxruntime()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if value_range not in VALUE_RANGES:
-            raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
+        check_layout(layout, value_range)
         want_cuda = torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
@@ -79,9 +75,7 @@ class OnnxNet(nn.Module):
             raise ValueError(f"the graph has {len(inputs)} inputs; advex needs exactly one (the batch of images)")
         self.input_name = inputs[0].name
         self.layout, self.value_range = layout, value_range
-        declared = list(input_shape)
-        if layout == "NHWC" and len(declared) == 3:
-            declared = [declared[1], declared[2], declared[0]]
+        declared = layout_shape(input_shape, layout)
         graph = list(inputs[0].shape)[1:]
         if len(graph) != len(declared) or any(isinstance(g, int) and g != d for g, d in zip(graph, declared)):
             raise ValueError(f"the graph's input {inputs[0].name!r} has shape {list(inputs[0].shape)}, but the declared "
@@ -90,12 +84,7 @@ class OnnxNet(nn.Module):
             raise ValueError(f"the graph's input is {inputs[0].type}; advex feeds float32")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = x.detach()
-        if self.layout == "NHWC" and v.dim() == 4:
-            v = v.permute(0, 2, 3, 1)
-        if self.value_range == "0-255":
-            v = v * 255.0
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(v.cpu().numpy(), dtype=np.float32)})[0]
+        out = self.session.run(None, {self.input_name: to_layout(x, self.layout, self.value_range)})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
 
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from advex.v1 import results_pb2 as advex_dot_v1_dot_results__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64vex/v1/operation.proto\x12\x08\x61\x64vex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x61\x64vex/v1/results.proto\"Y\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\"/\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfd\x04\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.advex.v1.Operation.State\x12$\n\x08progress\x18\x04 \x01(\x0b\x32\x12.advex.v1.Progress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0crequest_json\x18\x07 \x01(\t\x12\x0c\n\x04\x64one\x18\x08 \x01(\x08\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.advex.v1.OperationErrorH\x00\x12,\n\x08\x65valuate\x18\n \x01(\x0b\x32\x18.advex.v1.EvaluateResultH\x00\x12&\n\x05train\x18\x0b \x01(\x0b\x32\x15.advex.v1.TrainResultH\x00\x12\x35\n\rdataset_build\x18\x0c \x01(\x0b\x32\x1c.advex.v1.DatasetBuildResultH\x00\x12\x30\n\x08transfer\x18\r \x01(\x0b\x32\x1c.advex.v1.TransferRateResultH\x00\x12(\n\x06\x65xport\x18\x0e \x01(\x0b\x32\x16.advex.v1.ExportResultH\x00\"a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x42\t\n\x07outcome\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\".\n\x16\x43\x61ncelOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"-\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"E\n\x14WaitOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"L\n\x15ListOperationsRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x16ListOperationsResponse\x12\'\n\noperations\x18\x01 \x03(\x0b\x32\x13.advex.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64vex/v1/operation.proto\x12\x08\x61\x64vex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x61\x64vex/v1/results.proto\"Y\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\"/\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa5\x05\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.advex.v1.Operation.State\x12$\n\x08progress\x18\x04 \x01(\x0b\x32\x12.advex.v1.Progress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0crequest_json\x18\x07 \x01(\t\x12\x0c\n\x04\x64one\x18\x08 \x01(\x08\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.advex.v1.OperationErrorH\x00\x12,\n\x08\x65valuate\x18\n \x01(\x0b\x32\x18.advex.v1.EvaluateResultH\x00\x12&\n\x05train\x18\x0b \x01(\x0b\x32\x15.advex.v1.TrainResultH\x00\x12\x35\n\rdataset_build\x18\x0c \x01(\x0b\x32\x1c.advex.v1.DatasetBuildResultH\x00\x12\x30\n\x08transfer\x18\r \x01(\x0b\x32\x1c.advex.v1.TransferRateResultH\x00\x12(\n\x06\x65xport\x18\x0e \x01(\x0b\x32\x16.advex.v1.ExportResultH\x00\x12&\n\x05\x61udit\x18\x0f \x01(\x0b\x32\x15.advex.v1.AuditResultH\x00\"a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x42\t\n\x07outcome\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\".\n\x16\x43\x61ncelOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"-\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"E\n\x14WaitOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"L\n\x15ListOperationsRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x16ListOperationsResponse\x12\'\n\noperations\x18\x01 \x03(\x0b\x32\x13.advex.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPERATIONERROR']._serialized_start=186
   _globals['_OPERATIONERROR']._serialized_end=233
   _globals['_OPERATION']._serialized_start=236
-  _globals['_OPERATION']._serialized_end=873
-  _globals['_OPERATION_STATE']._serialized_start=765
-  _globals['_OPERATION_STATE']._serialized_end=862
-  _globals['_GETOPERATIONREQUEST']._serialized_start=875
-  _globals['_GETOPERATIONREQUEST']._serialized_end=918
-  _globals['_CANCELOPERATIONREQUEST']._serialized_start=920
-  _globals['_CANCELOPERATIONREQUEST']._serialized_end=966
-  _globals['_WATCHOPERATIONREQUEST']._serialized_start=968
-  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1013
-  _globals['_WAITOPERATIONREQUEST']._serialized_start=1015
-  _globals['_WAITOPERATIONREQUEST']._serialized_end=1084
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1086
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1162
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1164
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1254
+  _globals['_OPERATION']._serialized_end=913
+  _globals['_OPERATION_STATE']._serialized_start=805
+  _globals['_OPERATION_STATE']._serialized_end=902
+  _globals['_GETOPERATIONREQUEST']._serialized_start=915
+  _globals['_GETOPERATIONREQUEST']._serialized_end=958
+  _globals['_CANCELOPERATIONREQUEST']._serialized_start=960
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1006
+  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1008
+  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1053
+  _globals['_WAITOPERATIONREQUEST']._serialized_start=1055
+  _globals['_WAITOPERATIONREQUEST']._serialized_end=1124
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1126
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1202
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1204
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1294
 # @@protoc_insertion_point(module_scope)

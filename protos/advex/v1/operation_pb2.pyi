@@ -34,7 +34,7 @@ class OperationError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "kind", "state", "progress", "create_time", "update_time", "request_json", "done", "error", "evaluate", "train", "dataset_build", "transfer", "export")
+    __slots__ = ("id", "kind", "state", "progress", "create_time", "update_time", "request_json", "done", "error", "evaluate", "train", "dataset_build", "transfer", "export", "audit")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Operation.State]
@@ -63,6 +63,7 @@ class Operation(_message.Message):
     DATASET_BUILD_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     state: Operation.State
@@ -77,7 +78,8 @@ class Operation(_message.Message):
     dataset_build: _results_pb2.DatasetBuildResult
     transfer: _results_pb2.TransferRateResult
     export: _results_pb2.ExportResult
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[Operation.State, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_json: _Optional[str] = ..., done: _Optional[bool] = ..., error: _Optional[_Union[OperationError, _Mapping]] = ..., evaluate: _Optional[_Union[_results_pb2.EvaluateResult, _Mapping]] = ..., train: _Optional[_Union[_results_pb2.TrainResult, _Mapping]] = ..., dataset_build: _Optional[_Union[_results_pb2.DatasetBuildResult, _Mapping]] = ..., transfer: _Optional[_Union[_results_pb2.TransferRateResult, _Mapping]] = ..., export: _Optional[_Union[_results_pb2.ExportResult, _Mapping]] = ...) -> None: ...
+    audit: _results_pb2.AuditResult
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[Operation.State, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_json: _Optional[str] = ..., done: _Optional[bool] = ..., error: _Optional[_Union[OperationError, _Mapping]] = ..., evaluate: _Optional[_Union[_results_pb2.EvaluateResult, _Mapping]] = ..., train: _Optional[_Union[_results_pb2.TrainResult, _Mapping]] = ..., dataset_build: _Optional[_Union[_results_pb2.DatasetBuildResult, _Mapping]] = ..., transfer: _Optional[_Union[_results_pb2.TransferRateResult, _Mapping]] = ..., export: _Optional[_Union[_results_pb2.ExportResult, _Mapping]] = ..., audit: _Optional[_Union[_results_pb2.AuditResult, _Mapping]] = ...) -> None: ...
 
 class GetOperationRequest(_message.Message):
     __slots__ = ("operation_id",)

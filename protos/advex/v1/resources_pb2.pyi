@@ -17,6 +17,7 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TORCHSCRIPT: _ClassVar[ModelFormat]
     TORCH_EXPORT: _ClassVar[ModelFormat]
     ONNX: _ClassVar[ModelFormat]
+    ENDPOINT: _ClassVar[ModelFormat]
 
 class Domain(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,11 +28,38 @@ SAFETENSORS: ModelFormat
 TORCHSCRIPT: ModelFormat
 TORCH_EXPORT: ModelFormat
 ONNX: ModelFormat
+ENDPOINT: ModelFormat
 IMAGE: Domain
 REAL: Domain
 
+class EndpointSpec(_message.Message):
+    __slots__ = ("url", "model_name", "model_version", "input_name", "output_name", "max_batch_size", "timeout_seconds", "retries", "backoff_seconds", "max_qps", "credential")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QPS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    model_name: str
+    model_version: str
+    input_name: str
+    output_name: str
+    max_batch_size: int
+    timeout_seconds: float
+    retries: int
+    backoff_seconds: float
+    max_qps: float
+    credential: str
+    def __init__(self, url: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., input_name: _Optional[str] = ..., output_name: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., retries: _Optional[int] = ..., backoff_seconds: _Optional[float] = ..., max_qps: _Optional[float] = ..., credential: _Optional[str] = ...) -> None: ...
+
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "format", "architecture", "num_classes", "input_shape", "mean", "std", "labels", "arch_args", "layout", "value_range")
+    __slots__ = ("name", "format", "architecture", "num_classes", "input_shape", "mean", "std", "labels", "arch_args", "layout", "value_range", "endpoint")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +85,7 @@ class ModelSpec(_message.Message):
     ARCH_ARGS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: ModelFormat
     architecture: str
@@ -68,10 +97,11 @@ class ModelSpec(_message.Message):
     arch_args: _containers.ScalarMap[str, str]
     layout: str
     value_range: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., architecture: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., arch_args: _Optional[_Mapping[str, str]] = ..., layout: _Optional[str] = ..., value_range: _Optional[str] = ...) -> None: ...
+    endpoint: EndpointSpec
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., architecture: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., arch_args: _Optional[_Mapping[str, str]] = ..., layout: _Optional[str] = ..., value_range: _Optional[str] = ..., endpoint: _Optional[_Union[EndpointSpec, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "spec", "sha256", "size_bytes", "create_time", "source", "lineage_json", "has_features", "has_gradients", "execution_provider")
+    __slots__ = ("id", "spec", "sha256", "size_bytes", "create_time", "source", "lineage_json", "has_features", "has_gradients", "execution_provider", "endpoint_metadata_json")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +112,7 @@ class Model(_message.Message):
     HAS_FEATURES_FIELD_NUMBER: _ClassVar[int]
     HAS_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: ModelSpec
     sha256: str
@@ -92,7 +123,14 @@ class Model(_message.Message):
     has_features: bool
     has_gradients: bool
     execution_provider: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., lineage_json: _Optional[str] = ..., has_features: _Optional[bool] = ..., has_gradients: _Optional[bool] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+    endpoint_metadata_json: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., lineage_json: _Optional[str] = ..., has_features: _Optional[bool] = ..., has_gradients: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., endpoint_metadata_json: _Optional[str] = ...) -> None: ...
+
+class RegisterEndpointRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class ExportModelRequest(_message.Message):
     __slots__ = ("model_id", "dataset_id", "split", "limit", "name")

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from advex.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -128,7 +131,7 @@ class DistanceCurve(_message.Message):
     def __init__(self, norm: _Optional[_Union[Norm, str]] = ..., method: _Optional[str] = ..., per_example: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., points: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ..., median_distance: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
 class EvaluateResult(_message.Message):
-    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped", "clean_accuracy_ci", "distance_curves")
+    __slots__ = ("model_id", "model_sha256", "dataset_id", "split", "num_examples", "clean_accuracy", "clean_correct", "per_class_accuracy", "per_class_count", "robust", "worst_case", "wall_seconds", "device", "gradient_masking_suspected", "notes", "skipped", "clean_accuracy_ci", "distance_curves", "endpoint_usage")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +150,7 @@ class EvaluateResult(_message.Message):
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     CLEAN_ACCURACY_CI_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_CURVES_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_USAGE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_sha256: str
     dataset_id: str
@@ -165,7 +169,22 @@ class EvaluateResult(_message.Message):
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedAttack]
     clean_accuracy_ci: Interval
     distance_curves: _containers.RepeatedCompositeFieldContainer[DistanceCurve]
-    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ..., clean_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ..., distance_curves: _Optional[_Iterable[_Union[DistanceCurve, _Mapping]]] = ...) -> None: ...
+    endpoint_usage: EndpointUsage
+    def __init__(self, model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., num_examples: _Optional[int] = ..., clean_accuracy: _Optional[float] = ..., clean_correct: _Optional[int] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ..., per_class_count: _Optional[_Iterable[int]] = ..., robust: _Optional[_Iterable[_Union[RobustAccuracy, _Mapping]]] = ..., worst_case: _Optional[_Iterable[_Union[WorstCase, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., gradient_masking_suspected: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedAttack, _Mapping]]] = ..., clean_accuracy_ci: _Optional[_Union[Interval, _Mapping]] = ..., distance_curves: _Optional[_Iterable[_Union[DistanceCurve, _Mapping]]] = ..., endpoint_usage: _Optional[_Union[EndpointUsage, _Mapping]] = ...) -> None: ...
+
+class EndpointUsage(_message.Message):
+    __slots__ = ("model_id", "requests", "rows", "retries", "failures")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    requests: int
+    rows: int
+    retries: int
+    failures: int
+    def __init__(self, model_id: _Optional[str] = ..., requests: _Optional[int] = ..., rows: _Optional[int] = ..., retries: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class EpochStats(_message.Message):
     __slots__ = ("epoch", "train_loss", "train_accuracy", "train_robust_accuracy", "lr", "wall_seconds")
@@ -266,7 +285,7 @@ class TransferPair(_message.Message):
     def __init__(self, source_model_id: _Optional[str] = ..., target_model_id: _Optional[str] = ..., examples: _Optional[int] = ..., correct_on_source: _Optional[int] = ..., correct_on_target: _Optional[int] = ..., successful_on_source: _Optional[int] = ..., transferred: _Optional[int] = ..., fooled_target: _Optional[int] = ..., white_box_success_rate: _Optional[float] = ..., transfer_rate: _Optional[float] = ..., unconditional_rate: _Optional[float] = ..., white_box_success_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., transfer_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., unconditional_rate_ci: _Optional[_Union[Interval, _Mapping]] = ..., successful_target_correct: _Optional[int] = ..., transferred_target_correct: _Optional[int] = ..., conditional_transfer_rate: _Optional[float] = ..., conditional_transfer_rate_ci: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class TransferRateResult(_message.Message):
-    __slots__ = ("definition", "attack", "dataset_id", "split", "pairs", "wall_seconds", "device")
+    __slots__ = ("definition", "attack", "dataset_id", "split", "pairs", "wall_seconds", "device", "endpoint_usage")
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +293,7 @@ class TransferRateResult(_message.Message):
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_USAGE_FIELD_NUMBER: _ClassVar[int]
     definition: str
     attack: AttackSpec
     dataset_id: str
@@ -281,7 +301,8 @@ class TransferRateResult(_message.Message):
     pairs: _containers.RepeatedCompositeFieldContainer[TransferPair]
     wall_seconds: float
     device: str
-    def __init__(self, definition: _Optional[str] = ..., attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., pairs: _Optional[_Iterable[_Union[TransferPair, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    endpoint_usage: _containers.RepeatedCompositeFieldContainer[EndpointUsage]
+    def __init__(self, definition: _Optional[str] = ..., attack: _Optional[_Union[AttackSpec, _Mapping]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., pairs: _Optional[_Iterable[_Union[TransferPair, _Mapping]]] = ..., wall_seconds: _Optional[float] = ..., device: _Optional[str] = ..., endpoint_usage: _Optional[_Iterable[_Union[EndpointUsage, _Mapping]]] = ...) -> None: ...
 
 class ExportResult(_message.Message):
     __slots__ = ("model_id", "source_model_id", "model_sha256", "examples", "agreement_rate", "disagreements", "max_abs_logit_difference", "execution_provider", "wall_seconds")
@@ -304,3 +325,65 @@ class ExportResult(_message.Message):
     execution_provider: str
     wall_seconds: float
     def __init__(self, model_id: _Optional[str] = ..., source_model_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., examples: _Optional[int] = ..., agreement_rate: _Optional[float] = ..., disagreements: _Optional[int] = ..., max_abs_logit_difference: _Optional[float] = ..., execution_provider: _Optional[str] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+
+class AuditCheck(_message.Message):
+    __slots__ = ("kind", "norm", "eps", "on", "measured", "limit", "baseline", "passed", "message")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    ON_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    norm: Norm
+    eps: float
+    on: str
+    measured: float
+    limit: float
+    baseline: float
+    passed: bool
+    message: str
+    def __init__(self, kind: _Optional[str] = ..., norm: _Optional[_Union[Norm, str]] = ..., eps: _Optional[float] = ..., on: _Optional[str] = ..., measured: _Optional[float] = ..., limit: _Optional[float] = ..., baseline: _Optional[float] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("id", "operation_id", "audit_name", "model_id", "target_name", "model_sha256", "endpoint_metadata_json", "create_time", "passed", "checks", "evaluation", "baseline_audit_id", "request_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    operation_id: str
+    audit_name: str
+    model_id: str
+    target_name: str
+    model_sha256: str
+    endpoint_metadata_json: str
+    create_time: _timestamp_pb2.Timestamp
+    passed: bool
+    checks: _containers.RepeatedCompositeFieldContainer[AuditCheck]
+    evaluation: EvaluateResult
+    baseline_audit_id: str
+    request_json: str
+    def __init__(self, id: _Optional[str] = ..., operation_id: _Optional[str] = ..., audit_name: _Optional[str] = ..., model_id: _Optional[str] = ..., target_name: _Optional[str] = ..., model_sha256: _Optional[str] = ..., endpoint_metadata_json: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[AuditCheck, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluateResult, _Mapping]] = ..., baseline_audit_id: _Optional[str] = ..., request_json: _Optional[str] = ...) -> None: ...
+
+class AuditResult(_message.Message):
+    __slots__ = ("audit_name", "passed", "records")
+    AUDIT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    audit_name: str
+    passed: bool
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    def __init__(self, audit_name: _Optional[str] = ..., passed: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...

@@ -248,3 +248,71 @@ class TransferRateRequest(_message.Message):
     attack: _results_pb2.AttackSpec
     batch_size: int
     def __init__(self, source_model_ids: _Optional[_Iterable[str]] = ..., target_model_ids: _Optional[_Iterable[str]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class AuditThreshold(_message.Message):
+    __slots__ = ("norm", "eps", "min_robust_accuracy", "on_ci_lower")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ROBUST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ON_CI_LOWER_FIELD_NUMBER: _ClassVar[int]
+    norm: _results_pb2.Norm
+    eps: float
+    min_robust_accuracy: float
+    on_ci_lower: bool
+    def __init__(self, norm: _Optional[_Union[_results_pb2.Norm, str]] = ..., eps: _Optional[float] = ..., min_robust_accuracy: _Optional[float] = ..., on_ci_lower: _Optional[bool] = ...) -> None: ...
+
+class AuditTarget(_message.Message):
+    __slots__ = ("model_id", "name")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    name: str
+    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("name", "targets", "dataset_id", "split", "limit", "suite", "attacks", "batch_size", "thresholds", "min_clean_accuracy", "max_drop", "spec_text")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    ATTACKS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAX_DROP_FIELD_NUMBER: _ClassVar[int]
+    SPEC_TEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    targets: _containers.RepeatedCompositeFieldContainer[AuditTarget]
+    dataset_id: str
+    split: str
+    limit: int
+    suite: str
+    attacks: _containers.RepeatedCompositeFieldContainer[AttackSweep]
+    batch_size: int
+    thresholds: _containers.RepeatedCompositeFieldContainer[AuditThreshold]
+    min_clean_accuracy: float
+    max_drop: float
+    spec_text: str
+    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AuditTarget, _Mapping]]] = ..., dataset_id: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., suite: _Optional[str] = ..., attacks: _Optional[_Iterable[_Union[AttackSweep, _Mapping]]] = ..., batch_size: _Optional[int] = ..., thresholds: _Optional[_Iterable[_Union[AuditThreshold, _Mapping]]] = ..., min_clean_accuracy: _Optional[float] = ..., max_drop: _Optional[float] = ..., spec_text: _Optional[str] = ...) -> None: ...
+
+class ListAuditsRequest(_message.Message):
+    __slots__ = ("target", "audit_name", "page_size", "page_token")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    audit_name: str
+    page_size: int
+    page_token: str
+    def __init__(self, target: _Optional[str] = ..., audit_name: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAuditsResponse(_message.Message):
+    __slots__ = ("records", "next_page_token")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_results_pb2.AuditRecord]
+    next_page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[_results_pb2.AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -112,6 +112,11 @@ class RobustnessStub:
                 request_serializer=advex_dot_v1_dot_resources__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=advex_dot_v1_dot_resources__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.RegisterEndpoint = channel.unary_unary(
+                '/advex.v1.Robustness/RegisterEndpoint',
+                request_serializer=advex_dot_v1_dot_resources__pb2.RegisterEndpointRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_resources__pb2.Model.FromString,
+                _registered_method=True)
         self.ExportModel = channel.unary_unary(
                 '/advex.v1.Robustness/ExportModel',
                 request_serializer=advex_dot_v1_dot_resources__pb2.ExportModelRequest.SerializeToString,
@@ -141,6 +146,16 @@ class RobustnessStub:
                 '/advex.v1.Robustness/DownloadDataset',
                 request_serializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetRequest.SerializeToString,
                 response_deserializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetResponse.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/advex.v1.Robustness/Audit',
+                request_serializer=advex_dot_v1_dot_robustness__pb2.AuditRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_operation__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ListAudits = channel.unary_unary(
+                '/advex.v1.Robustness/ListAudits',
+                request_serializer=advex_dot_v1_dot_robustness__pb2.ListAuditsRequest.SerializeToString,
+                response_deserializer=advex_dot_v1_dot_robustness__pb2.ListAuditsResponse.FromString,
                 _registered_method=True)
 
 
@@ -246,6 +261,13 @@ class RobustnessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterEndpoint(self, request, context):
+        """A model served by an inference endpoint (Open Inference Protocol), queried as a black box.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportModel(self, request, context):
         """Export a torch model to ONNX, register the export, and report prediction agreement.
         """
@@ -279,6 +301,21 @@ class RobustnessServicer:
 
     def DownloadDataset(self, request, context):
         """A stored dataset split as an .npz, chunked, byte-exact with what is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Evaluate each target and judge it against thresholds and its last passing audit; the server
+        keeps a record per target (long: returns an Operation whose outcome is an AuditResult).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudits(self, request, context):
+        """The audit records of a target, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -362,6 +399,11 @@ def add_RobustnessServicer_to_server(servicer, server):
                     request_deserializer=advex_dot_v1_dot_resources__pb2.DeleteModelRequest.FromString,
                     response_serializer=advex_dot_v1_dot_resources__pb2.DeleteModelResponse.SerializeToString,
             ),
+            'RegisterEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterEndpoint,
+                    request_deserializer=advex_dot_v1_dot_resources__pb2.RegisterEndpointRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_resources__pb2.Model.SerializeToString,
+            ),
             'ExportModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportModel,
                     request_deserializer=advex_dot_v1_dot_resources__pb2.ExportModelRequest.FromString,
@@ -391,6 +433,16 @@ def add_RobustnessServicer_to_server(servicer, server):
                     servicer.DownloadDataset,
                     request_deserializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetRequest.FromString,
                     response_serializer=advex_dot_v1_dot_robustness__pb2.DownloadDatasetResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=advex_dot_v1_dot_robustness__pb2.AuditRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_operation__pb2.Operation.SerializeToString,
+            ),
+            'ListAudits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudits,
+                    request_deserializer=advex_dot_v1_dot_robustness__pb2.ListAuditsRequest.FromString,
+                    response_serializer=advex_dot_v1_dot_robustness__pb2.ListAuditsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -810,6 +862,33 @@ class Robustness:
             _registered_method=True)
 
     @staticmethod
+    def RegisterEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/RegisterEndpoint',
+            advex_dot_v1_dot_resources__pb2.RegisterEndpointRequest.SerializeToString,
+            advex_dot_v1_dot_resources__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ExportModel(request,
             target,
             options=(),
@@ -961,6 +1040,60 @@ class Robustness:
             '/advex.v1.Robustness/DownloadDataset',
             advex_dot_v1_dot_robustness__pb2.DownloadDatasetRequest.SerializeToString,
             advex_dot_v1_dot_robustness__pb2.DownloadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/Audit',
+            advex_dot_v1_dot_robustness__pb2.AuditRequest.SerializeToString,
+            advex_dot_v1_dot_operation__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advex.v1.Robustness/ListAudits',
+            advex_dot_v1_dot_robustness__pb2.ListAuditsRequest.SerializeToString,
+            advex_dot_v1_dot_robustness__pb2.ListAuditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

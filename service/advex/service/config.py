@@ -28,11 +28,12 @@ class ConfigError(ValueError):
 def _setting(default: Any = MISSING, *, help: str, factory: Optional[Callable[[], Any]] = None,
              minimum: Optional[float] = None, maximum: Optional[float] = None,
              check: Optional[Callable[[Any], Optional[str]]] = None, expect: str = "",
-             metavar: Optional[str] = None, shown: Optional[str] = None):
+             metavar: Optional[str] = None, shown: Optional[str] = None, sep: str = os.pathsep):
     """A ServerConfig field with its meaning (help), limits and, for odd values, a check that
-    returns what was expected or None. ``shown``: the default as the help prints it."""
+    returns what was expected or None. ``shown``: the default as the help prints it; ``sep``: what
+    separates a list's items in one environment variable."""
     meta = {"help": help, "minimum": minimum, "maximum": maximum, "check": check, "expect": expect,
-            "metavar": metavar, "shown": shown}
+            "metavar": metavar, "shown": shown, "sep": sep}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,6 +55,30 @@ LOOPBACK = "loopback"
 
 def _check_metrics_host(value: str) -> Optional[str]:
     return None if value == LOOPBACK else _check_host(value)
+
+
+ENDPOINT_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?$")
+CREDENTIAL = re.compile(r"^([A-Za-z][A-Za-z0-9_-]{0,63})=(env|file):(.+)$")
+
+
+def _check_endpoint_hosts(value: list) -> Optional[str]:
+    for item in value:
+        match = ENDPOINT_HOST.match(item)
+        if not match or (match.group(2) and not 0 < int(match.group(2)[1:]) < 65536):
+            return f"host or host:port entries ({item!r} is neither; IPv6 as [::1]:8081)"
+    return None
+
+
+def _check_credentials(value: list) -> Optional[str]:
+    names = set()
+    for item in value:
+        match = CREDENTIAL.match(item)
+        if not match:
+            return "NAME=env:VARIABLE or NAME=file:PATH entries"
+        if match.group(1) in names:
+            return f"each NAME once ({match.group(1)!r} is given twice)"
+        names.add(match.group(1))
+    return None
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -208,6 +233,20 @@ class ServerConfig:
         10.0, minimum=0.0, metavar="SECONDS",
         help="on SIGTERM: stop accepting; dataset builds and training checkpoint and stop at once (they resume at "
              "the next start); other running work may finish this long, then it is cancelled; the store is closed")
+    endpoint_hosts: list[str] = _setting(
+        factory=list, metavar="HOST[:PORT]", shown="none", sep=",", check=_check_endpoint_hosts,
+        help="the inference endpoints' hosts advex may connect to (RegisterEndpoint; repeatable, or ','-separated "
+             "in the environment): a host name or address as the endpoint's url writes it, alone (any port) or "
+             "with a port. Nothing else is ever contacted; with none, endpoints cannot be registered")
+    endpoint_credentials: list[str] = _setting(
+        factory=list, metavar="NAME=env:VAR|NAME=file:PATH", shown="none", sep=",", check=_check_credentials,
+        help="secrets endpoints are queried with, by name (repeatable, or ','-separated in the environment): an "
+             "EndpointSpec names one, the server reads it from its own environment variable or file when it "
+             "queries, and sends it as 'authorization: Bearer <secret>'. Neither the secret nor its source is "
+             "ever stored or returned")
+    endpoint_max_batch: int = _setting(
+        1024, minimum=1, maximum=65536, metavar="N",
+        help="most examples one request to an inference endpoint may carry (EndpointSpec.max_batch_size)")
     torch_threads: int = _setting(
         0, minimum=0, metavar="N",
         help="CPU threads torch may use; 0 = torch's default")
@@ -325,8 +364,8 @@ def _convert(f, raw: Any, source: str) -> Any:
         if not math.isfinite(value):
             raise fail("is not a finite number", _expected(f))
     elif kind is list:
-        value = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
-        value = [str(p) for p in value if str(p)]
+        value = raw.split(meta.get("sep") or os.pathsep) if isinstance(raw, str) else list(raw)
+        value = [str(p).strip() for p in value if str(p).strip()]
     elif raw is not None:
         value = str(raw).strip()
     lo, hi = meta.get("minimum"), meta.get("maximum")

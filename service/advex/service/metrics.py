@@ -1,7 +1,14 @@
 """Prometheus metrics: requests by method and code, latency, operations by kind and state,
-images processed, queue depth, GPU memory, and the last measured clean / robust accuracy
-per model, dataset, norm and eps (what scheduled audits alert on)."""
+images processed, queue depth, GPU memory, the last measured clean / robust accuracy per model,
+dataset, norm and eps with its time, and each audit's results, verdict and time (what scheduled
+audits alert on: a breach, and an audit that stopped running).
+
+The accuracy and audit gauges are per model: `restore` sets them from the store at startup (they
+survive a restart), and `forget_model` removes every series of a deleted model."""
 from __future__ import annotations
+
+import threading
+from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -26,7 +33,62 @@ class Metrics:
         self.execution_provider = Gauge("advex_model_execution_provider",
                                         "1 for the onnxruntime execution provider that runs each ONNX model",
                                         ["model", "provider"], registry=r)
+        self.accuracy_time = Gauge("advex_accuracy_timestamp_seconds",
+                                   "When the accuracies of a model on a dataset were last measured (Unix time)",
+                                   ["model", "dataset"], registry=r)
+        self.audit_robust = Gauge("advex_audit_robust_accuracy",
+                                  "Robust accuracy (worst case over the audit's attacks) in the last audit of a target",
+                                  ["target", "audit", "dataset", "norm", "eps", "suite"], registry=r)
+        self.audit_clean = Gauge("advex_audit_clean_accuracy", "Clean accuracy in the last audit of a target",
+                                 ["target", "audit", "dataset"], registry=r)
+        self.audit_passed = Gauge("advex_audit_passed", "1 when the last audit of a target passed every check, else 0",
+                                  ["target", "audit"], registry=r)
+        self.audit_time = Gauge("advex_audit_last_run_timestamp_seconds", "When a target was last audited (Unix time)",
+                                ["target", "audit"], registry=r)
         self.gpu_memory.set_function(_gpu_memory)
+        self._series: dict[str, set] = defaultdict(set)  # model id -> (gauge, labels) it set
+        self._series_lock = threading.Lock()
+
+    def _set(self, model_id: str, gauge: Gauge, labels: tuple, value: float) -> None:
+        gauge.labels(*labels).set(value)
+        with self._series_lock:
+            self._series[model_id].add((gauge, labels))
+
+    def record_accuracy(self, model_id: str, dataset_id: str, clean: float, robust, when: float) -> None:
+        """robust: (norm, eps, accuracy) of each worst case."""
+        self._set(model_id, self.clean_accuracy, (model_id, dataset_id), clean)
+        for norm, eps, acc in robust:
+            self._set(model_id, self.robust_accuracy, (model_id, dataset_id, norm, f"{eps:g}"), acc)
+        self._set(model_id, self.accuracy_time, (model_id, dataset_id), when)
+
+    def record_audit(self, model_id: str, audit: str, dataset_id: str, suite: str, clean: float, robust,
+                     passed: bool, when: float) -> None:
+        """A target's audit; robust: (norm, eps, accuracy) of each worst case. The series of the
+        target's previous audit under this name go first (its eps may have been others)."""
+        with self._series_lock:
+            stale = {(g, labels) for g, labels in self._series[model_id]
+                     if g in (self.audit_robust, self.audit_clean) and labels[1] == audit}
+            self._series[model_id] -= stale
+        for gauge, labels in stale:
+            gauge.remove(*labels)
+        self._set(model_id, self.audit_clean, (model_id, audit, dataset_id), clean)
+        for norm, eps, acc in robust:
+            self._set(model_id, self.audit_robust, (model_id, audit, dataset_id, norm, f"{eps:g}", suite), acc)
+        self._set(model_id, self.audit_passed, (model_id, audit), 1.0 if passed else 0.0)
+        self._set(model_id, self.audit_time, (model_id, audit), when)
+
+    def forget_model(self, model_id: str) -> None:
+        """Remove every accuracy and audit series of a model (it was deleted)."""
+        with self._series_lock:
+            series = self._series.pop(model_id, set())
+        for gauge, labels in series:
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+
+    def record_provider(self, model_id: str, provider: str) -> None:
+        self._set(model_id, self.execution_provider, (model_id, provider), 1.0)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""

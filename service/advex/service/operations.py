@@ -261,8 +261,8 @@ class OperationManager:
         token ("" after the last page); see paging. page_size: already checked."""
         from advex.service import paging
 
-        ops, token = paging.list_page(self.store, "operations", Op, page_size, page_token, scope=kind, kind=kind,
-                                      newest_first=True)
+        ops, token = paging.list_page(self.store, "operations", Op, page_size, page_token, scope=kind,
+                                      match={"kind": kind}, newest_first=True)
         return [self._live[o.id].snapshot() if o.id in self._live else o for o in ops], token
 
     def cancel(self, op_id: str) -> Op:

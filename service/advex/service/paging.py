@@ -38,8 +38,9 @@ TOKEN_ROOM = 1024          # what the rest of a response (next_page_token) may t
 KEY_NAME = "page_token"    # the store secret that signs tokens
 
 VERSION = 1
-LISTS = {"models": 1, "datasets": 2, "operations": 3}
-RPC_NAMES = {"models": "ListModels", "datasets": "ListDatasets", "operations": "ListOperations"}
+LISTS = {"models": 1, "datasets": 2, "operations": 3, "audits": 4}
+RPC_NAMES = {"models": "ListModels", "datasets": "ListDatasets", "operations": "ListOperations",
+             "audits": "ListAudits"}
 _HEAD = struct.Struct(">BB8sd")
 _TAG_BYTES = 16
 _MAX_ID_BYTES = 512
@@ -139,8 +140,8 @@ class PageTokens:
             raise invalid(field, f"a token of {other}, not of {RPC_NAMES[listing]}: a token continues only the "
                                  "listing it came from")
         if not hmac.compare_digest(digest, _digest(scope)):
-            raise invalid(field, "the token continues a listing with another filter (kind); keep the request's "
-                                 "other fields as they were, or start again with page_token \"\"")
+            raise invalid(field, "the token continues a listing with another filter (kind, target or audit name); "
+                                 "keep the request's other fields as they were, or start again with page_token \"\"")
         try:
             ident = body[_HEAD.size:].decode("utf-8")
         except UnicodeDecodeError:
@@ -156,12 +157,13 @@ def tokens(store) -> PageTokens:
     return PageTokens(store.secret(KEY_NAME))
 
 
-def list_page(store, table: str, cls, size: int, token: str, *, scope: str = "", kind: str = "",
+def list_page(store, table: str, cls, size: int, token: str, *, scope: str = "", match: Optional[dict] = None,
               newest_first: bool = False, first: Sequence[tuple[Position, object]] = ()) -> tuple[list, str]:
     """One page of a list: the records of store table `table` (messages of class `cls`), after
     those of `first` (positions and messages the store does not hold, in order, all before any
     stored record: the built-in datasets), from where `token` says; and the next page's token
-    ("" after the last page). `size`: a checked page_size; `scope`: the filter a token is bound to."""
+    ("" after the last page). `size`: a checked page_size; `match`: the store's filter (see
+    Store.list_page); `scope`: the filter as a string, which a token is bound to."""
     codec = tokens(store)
     after = codec.position(token, table, scope)
     page = Page(size)
@@ -177,7 +179,7 @@ def list_page(store, table: str, cls, size: int, token: str, *, scope: str = "",
         items.append(message)
         last = position
     if not more:
-        rows, more = store.list_page(table, page.take, page.room, newest_first=newest_first, kind=kind,
+        rows, more = store.list_page(table, page.take, page.room, newest_first=newest_first, match=match,
                                      after=None if after is None else (after.created, after.id))
         for created, ident, blob in rows:
             items.append(cls.FromString(blob))

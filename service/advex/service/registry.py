@@ -144,12 +144,19 @@ def model_info(spec: res.ModelSpec) -> ModelInfo:
                      tuple(spec.mean), tuple(spec.std), dict(spec.arch_args))
 
 
-def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: bool = True) -> None:
+def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: bool = True,
+                        endpoint: bool = False) -> None:
     """complete=False: an upload's spec, where input_shape (empty) and num_classes (0) may be
-    left for the server to read from the file; what is given is still checked. Every number and
-    name a client sends is bounded here (see the MAX_* constants)."""
-    if spec.format not in FORMAT_NAMES:
+    left for the server to read from the file; what is given is still checked. endpoint=True: a
+    RegisterEndpoint spec (format ENDPOINT; its endpoint part is endpoints.check_spec's). Every
+    number and name a client sends is bounded here (see the MAX_* constants)."""
+    if endpoint != (spec.format == res.ENDPOINT):
+        raise invalid(f"{field}.format", "must be ENDPOINT (RegisterEndpoint registers served models)" if endpoint
+                      else "ENDPOINT models are registered with RegisterEndpoint, not uploaded")
+    if spec.format not in FORMAT_NAMES and not endpoint:
         raise invalid(f"{field}.format", "required: SAFETENSORS, TORCHSCRIPT, TORCH_EXPORT or ONNX")
+    if spec.HasField("endpoint") and not endpoint:
+        raise invalid(f"{field}.endpoint", "only for format ENDPOINT (RegisterEndpoint)")
     check_text(spec.name, f"{field}.name")
     check_text(spec.architecture, f"{field}.architecture", limit=64)
     if spec.layout not in ("", "NCHW", "NHWC"):
@@ -171,8 +178,8 @@ def validate_model_spec(spec: res.ModelSpec, field: str = "spec", *, complete: b
             raise invalid(f"{field}.{name}", f"at most {MAX_DIM} values (one per channel), got {len(values)}")
         if not all(math.isfinite(v) for v in values):
             raise invalid(f"{field}.{name}", f"values must be finite numbers, got {quote(values)}")
-    if (spec.layout or spec.value_range) and spec.format != res.ONNX:
-        raise invalid(f"{field}.layout", "layout and value_range are declared for ONNX graphs only")
+    if (spec.layout or spec.value_range) and spec.format not in (res.ONNX, res.ENDPOINT):
+        raise invalid(f"{field}.layout", "layout and value_range are declared for ONNX graphs and endpoints only")
     if spec.format == res.SAFETENSORS and spec.architecture not in ARCHITECTURES:
         raise invalid(f"{field}.architecture", f"SAFETENSORS weights need a zoo architecture, one of {sorted(ARCHITECTURES)}")
     if spec.num_classes < 2 and (complete or spec.num_classes != 0):
@@ -433,10 +440,12 @@ def _npy_header(f, name: str, field: str):
 class Registry:
     def __init__(self, store: Store, artifacts: Path, data_roots: list[str], device: torch.device, *,
                  check_limits: Optional[sandbox.Limits] = None,
-                 max_dataset_mb: int = DEFAULT_MAX_DATASET_MB) -> None:
+                 max_dataset_mb: int = DEFAULT_MAX_DATASET_MB, config: Optional[ServerConfig] = None) -> None:
         """check_limits: time and memory for checking an uploaded program (sandbox.Limits:
         upload_check_timeout_s, upload_check_memory_mb); max_dataset_mb: the decompressed size of an
-        uploaded .npz."""
+        uploaded .npz; config: the server's settings for inference endpoints (allow-list,
+        credentials; none = no endpoint can be registered or queried)."""
+        self.config = config or ServerConfig()
         self.check_limits = check_limits or sandbox.Limits()
         self.max_dataset_bytes = int(max_dataset_mb) << 20
         self.store = store
@@ -541,6 +550,28 @@ class Registry:
                 return found[0]
         return self.register_bytes(spec, safetensors_bytes(net), source=source, lineage=lineage, model_id=model_id)
 
+    def register_endpoint(self, spec: res.ModelSpec, field: str = "spec", *,
+                          before_update: Callable[[str], None] = lambda model_id: None) -> res.Model:
+        """A model served by an inference endpoint: the spec checked, the endpoint asked what it
+        serves (endpoints.describe), and the record made, or updated under the same id when this
+        url, model and version are registered already (its creation time, and so its place in the
+        lists, kept); before_update(model_id) may refuse that (raise)."""
+        from advex.service import endpoints
+
+        validate_model_spec(spec, field, endpoint=True)
+        endpoints.check_spec(spec, self.config, field)
+        model_id = endpoints.model_id(spec)
+        if self.store.get_resource("models", model_id, res.Model) is not None:
+            before_update(model_id)
+        resolved, identity, sha = endpoints.describe(spec, self.config, field)
+        old = self.store.get_resource("models", model_id, res.Model)
+        record = res.Model(id=model_id, spec=resolved, sha256=sha, size_bytes=0, source="endpoint",
+                           has_features=False, has_gradients=False, endpoint_metadata_json=identity,
+                           lineage_json=json.dumps({"registered": "RegisterEndpoint"}))
+        record.create_time.CopyFrom(old[0].create_time if old else now())
+        self.store.put_resource("models", model_id, "", record)
+        return record
+
     def get_model(self, model_id: str, field: str = "model_id") -> res.Model:
         if not model_id:
             raise invalid(field, "required")
@@ -550,7 +581,13 @@ class Registry:
         return found[0]
 
     def load_model(self, model_id: str) -> tuple[res.Model, ModelWrapper]:
+        """The record and a module to run; an ENDPOINT model gets a fresh client each time (an
+        operation's own, whose counts are that operation's)."""
         record = self.get_model(model_id)
+        if record.spec.format == res.ENDPOINT:
+            from advex.service import endpoints
+
+            return record, ModelWrapper(endpoints.build_net(record, self.config), model_info(record.spec))
         path = self.store.get_resource("models", model_id, res.Model)[1]
 
         def make() -> ModelWrapper:

@@ -175,13 +175,14 @@ async def start(cfg: ServerConfig) -> RunningServer:
         store = Store(cfg.store_path)
         registry = Registry(store, cfg.artifacts, list(cfg.data_roots), device, max_dataset_mb=cfg.max_dataset_mb,
                             check_limits=sandbox.Limits(timeout_s=cfg.upload_check_timeout_s,
-                                                        memory_mb=cfg.upload_check_memory_mb))
+                                                        memory_mb=cfg.upload_check_memory_mb), config=cfg)
         ops = OperationManager(store, metrics, workers=cfg.workers, max_queue=cfg.max_queue, jobs_dir=cfg.jobs)
         ops.start(asyncio.get_running_loop())
         # not the generated add_RobustnessServicer_to_server: requests reach the handlers as bytes,
         # so that an undecodable one is INVALID_ARGUMENT (see add_to_server)
         servicer = RobustnessServicer(cfg, registry, ops, metrics, device)
         add_to_server(servicer, server)
+        servicer.restore_gauges()  # the accuracy and audit gauges, as the store last saw them
         await recover(registry, ops, servicer, cfg)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -30,7 +31,7 @@ from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.onnx_model import export_onnx
 from advex.engine.train import TrainState, load_state, save_state, train
 from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
-from advex.service import convert
+from advex.service import audits, convert, endpoints
 from advex.service.artifacts import CHUNK, BuildCheckpoint, NpzShardWriter, file_sha256, npz_bytes
 from advex.service.config import ServerConfig
 from advex.service.errors import ServiceError, exhausted, invalid, precondition
@@ -242,7 +243,18 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
     # ------------------------------------------------------------------ Evaluate
     @_guard()
     async def Evaluate(self, request: rpc.EvaluateRequest, context) -> op_pb.Operation:
-        model, dataset, split = self._model_and_dataset(request, "test")
+        plan = self._plan_evaluate(request)
+        return self.ops.submit("evaluate", request, lambda ctx: ("evaluate", plan.run(ctx)), plan.resources)
+
+    def _plan_evaluate(self, request: rpc.EvaluateRequest, field: str = "") -> "_EvaluationPlan":
+        """A checked evaluation: what Evaluate runs, and an Audit for each target. `field`
+        prefixes the model's field in errors (an audit's targets[k])."""
+        try:
+            model, dataset, split = self._model_and_dataset(request, "test")
+        except ServiceError as exc:
+            if field and exc.message.startswith("model_id"):
+                exc.message = field + exc.message[len("model_id"):]
+            raise
         if not 0 <= request.batch_size <= 4096:
             raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
         boxed = dataset.domain == res.IMAGE
@@ -254,20 +266,20 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             convert.shapes_match(surrogate, dataset, "surrogate_model_id")
             _require_gradients(surrogate, "pgd", "surrogate_model_id")
         if not model.has_gradients and surrogate is None:  # a black box: only gradient-free attacks
-            skipped = [(sw, f"model {model.id!r} is an ONNX graph without gradients: the white-box "
+            skipped = [(sw, f"model {model.id!r} is {_black_box(model)} without gradients: the white-box "
                             f"{sw.config.method} attack cannot run; use method 'square' (black box), or set "
                             "surrogate_model_id to craft it on a torch model (transfer)") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
             sweeps = [sw for sw in sweeps if sw.config.method in GRADIENT_FREE]
         batch_size = request.batch_size or 256
         distance_norms = convert.distance_norms(request)
         if distance_norms and not model.has_gradients:
-            raise precondition(f"minimal_distance: model {model.id!r} is an ONNX graph without gradients; FAB-T, "
-                               "which measures minimal distances, needs them")
+            raise precondition(f"minimal_distance: model {model.id!r} is {_black_box(model)} without gradients; "
+                               "FAB-T, which measures minimal distances, needs them")
         fab_configs = [AttackConfig(norm=norm, method="fab-t", steps=DISTANCE_STEPS) for norm in distance_norms]
         convert.check_cost(self.cfg, "max_operation_cost", convert.examples_in(dataset, split, request.limit),
                            [c for sw in sweeps for c in sw.configs()] + fab_configs)
 
-        def work(ctx: OpContext):
+        def run(ctx: OpContext) -> results.EvaluateResult:
             t0 = time.perf_counter()
             _, wrapper = self.registry.load_model(model.id)
             crafter = self.registry.load_model(surrogate.id)[1] if surrogate is not None else None
@@ -277,6 +289,9 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             self.metrics.images.labels("evaluate").inc(report.num_examples + sum(r.clean_correct for r in report.rows))
             self._record_accuracy(model.id, dataset.id, report)
             result = self._evaluate_result(model, dataset.id, split, report, time.perf_counter() - t0)
+            usage = endpoints.usage_of(wrapper)
+            if usage is not None:
+                result.endpoint_usage.CopyFrom(usage)
             if surrogate is not None:
                 for row in result.robust:
                     if row.attack.method not in GRADIENT_FREE:
@@ -297,10 +312,11 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                                              robust_accuracy=robust / len(distance))
                     convert.interval(point.robust_accuracy_ci, robust, len(distance))
                 curve.wall_seconds = time.perf_counter() - t1
-            return "evaluate", result
+            return result
 
         used = {("model", model.id), ("dataset", dataset.id)} | ({("model", surrogate.id)} if surrogate else set())
-        return self.ops.submit("evaluate", request, work, frozenset(used))
+        return _EvaluationPlan(model, dataset, split, sweeps + [sw for sw, _ in skipped], sweeps, run,
+                               frozenset(used))
 
     def _evaluate_result(self, model: res.Model, dataset_id: str, split: str, rep: EvalReport,
                          wall: float) -> results.EvaluateResult:
@@ -329,10 +345,37 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         return out
 
     def _record_accuracy(self, model_id: str, dataset_id: str, rep: EvalReport) -> None:
-        self.metrics.clean_accuracy.labels(model_id, dataset_id).set(rep.clean_accuracy)
-        for wc in rep.worst_case:
-            acc = wc.robust_correct / rep.num_examples if rep.num_examples else 0.0
-            self.metrics.robust_accuracy.labels(model_id, dataset_id, wc.norm, f"{wc.eps:g}").set(acc)
+        """The accuracy gauges, and their values in the store (restore_gauges sets them again at
+        the next start)."""
+        robust = [(wc.norm, float(wc.eps), wc.robust_correct / rep.num_examples if rep.num_examples else 0.0)
+                  for wc in rep.worst_case]
+        when = time.time()
+        self.metrics.record_accuracy(model_id, dataset_id, rep.clean_accuracy, robust, when)
+        self.registry.store.put_accuracy(model_id, dataset_id, json.dumps(
+            {"clean": rep.clean_accuracy, "robust": robust, "time": when}))
+
+    def restore_gauges(self) -> None:
+        """The accuracy and audit gauges as they were before a restart, from the store."""
+        for model_id, dataset_id, _, value in self.registry.store.accuracies():
+            try:
+                v = json.loads(value)
+                self.metrics.record_accuracy(model_id, dataset_id, float(v["clean"]),
+                                             [(str(n), float(e), float(a)) for n, e, a in v["robust"]], float(v["time"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("accuracy record of model %s on %s is unreadable; its gauges stay unset", model_id,
+                            dataset_id)
+        models = self.registry.store.resource_ids("models")
+        for blob in self.registry.store.latest_audits():
+            record = results.AuditRecord.FromString(blob)
+            if record.model_id in models:  # a deleted target's records stay (history), its gauges do not
+                self._audit_gauges(record)
+
+    def _audit_gauges(self, record: results.AuditRecord) -> None:
+        ev = record.evaluation
+        suite = next((r.suite for r in ev.robust if r.suite), "")
+        robust = [(convert.NORM_NAMES[wc.norm], wc.eps, wc.robust_accuracy) for wc in ev.worst_case]
+        self.metrics.record_audit(record.model_id, record.audit_name, ev.dataset_id, suite, ev.clean_accuracy,
+                                  robust, record.passed, record.create_time.ToMicroseconds() / 1e6)
 
     # ------------------------------------------------------------------ Train
     @_guard()
@@ -612,6 +655,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                         conditional_transfer_rate=c.conditional_transfer_rate)
                     for name, (k, n) in c.fractions().items():
                         convert.interval(getattr(pair, name + "_ci"), k, n)
+            for model_id in models:
+                usage = endpoints.usage_of(wrappers[model_id])
+                if usage is not None:
+                    out.endpoint_usage.append(usage)
             out.wall_seconds = time.perf_counter() - t0
             return "transfer", out
 
@@ -701,7 +748,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             request_iterator, "spec",
             lambda spec, path, sha, size: self.registry.register_model(spec, path, sha, size, source="upload"))
         if model.execution_provider:
-            self.metrics.execution_provider.labels(model.id, model.execution_provider).set(1)
+            self.metrics.record_provider(model.id, model.execution_provider)
         return model
 
     @_guard()
@@ -709,7 +756,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         check_text(request.name, "name")
         model, dataset, split = self._model_and_dataset(request, "test")
         if not model.has_gradients:
-            raise precondition(f"model {model.id!r} is already an ONNX graph")
+            raise precondition(f"model {model.id!r} is {_black_box(model)} already: there is no torch model to export")
 
         def work(ctx: OpContext):
             t0 = time.perf_counter()
@@ -732,7 +779,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                     same += int((a.argmax(1) == b.argmax(1)).sum())
                     worst = max(worst, float((a - b).abs().max()))
             ctx.progress(2, 2, "steps", "agreement")
-            self.metrics.execution_provider.labels(exported.id, exported.execution_provider).set(1)
+            self.metrics.record_provider(exported.id, exported.execution_provider)
             return "export", results.ExportResult(
                 model_id=exported.id, source_model_id=model.id, model_sha256=exported.sha256, examples=len(data),
                 agreement_rate=same / len(data) if len(data) else 0.0, disagreements=len(data) - same,
@@ -757,7 +804,61 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         self.registry.get_model(request.model_id)
         self.ops.ensure_unused(("model", request.model_id))
         self.registry.delete_model(request.model_id)
+        self.registry.store.forget_model(request.model_id)
+        self.metrics.forget_model(request.model_id)
         return res.DeleteModelResponse()
+
+    @_guard()
+    async def RegisterEndpoint(self, request: res.RegisterEndpointRequest, context) -> res.Model:
+        # the endpoint is queried (metadata and one inference): off the event loop, in the small pool
+        def register() -> res.Model:  # an update changes the settings: not while an operation uses the model
+            return self.registry.register_endpoint(request.spec,
+                                                   before_update=lambda m: self.ops.ensure_unused(("model", m)))
+
+        return await self.ops.run_interactive(register)
+
+    # ------------------------------------------------------------------ audits
+    @_guard()
+    async def Audit(self, request: rpc.AuditRequest, context) -> op_pb.Operation:
+        audits.check_request(request)
+        plans = []
+        for k, t in enumerate(request.targets):
+            plans.append(self._plan_evaluate(rpc.EvaluateRequest(
+                model_id=t.model_id, dataset_id=request.dataset_id, split=request.split, limit=request.limit,
+                attacks=request.attacks, batch_size=request.batch_size, suite=request.suite), f"targets[{k}].model_id"))
+        for k, plan in enumerate(plans):
+            audits.check_thresholds(request, plan, f"targets[{k}]")
+        resources = frozenset().union(*(p.resources for p in plans))
+
+        def work(ctx: OpContext):
+            out = results.AuditResult(audit_name=request.name, passed=True)
+            for k, (target, plan) in enumerate(zip(request.targets, plans)):
+                step = audits.TargetProgress(ctx, k, len(plans), target.name or target.model_id)
+                evaluation = plan.run(step)
+                baseline = self.registry.store.last_audit(target.model_id, request.name, passed_only=True)
+                record = audits.judge(request, target, plan.model, evaluation, ctx.operation_id,
+                                      results.AuditRecord.FromString(baseline) if baseline else None)
+                self.registry.store.put_audit(record.id, record.create_time.ToMicroseconds() / 1e6, record.model_id,
+                                              record.target_name, record.audit_name, record.passed,
+                                              record.SerializeToString())
+                self._audit_gauges(record)
+                out.records.append(record)
+                out.passed = out.passed and record.passed
+            return "audit", out
+
+        return self.ops.submit("audit", request, work, resources)
+
+    @_guard()
+    async def ListAudits(self, request: rpc.ListAuditsRequest, context) -> rpc.ListAuditsResponse:
+        from advex.service import paging
+
+        check_text(request.target, "target")
+        check_text(request.audit_name, "audit_name")
+        records, token = paging.list_page(
+            self.registry.store, "audits", results.AuditRecord, paging.page_size(request.page_size), request.page_token,
+            scope=f"{request.target}\0{request.audit_name}", newest_first=True,
+            match={"target": request.target, "audit_name": request.audit_name})
+        return rpc.ListAuditsResponse(records=records, next_page_token=token)
 
     # ------------------------------------------------------------------ datasets
     @_guard()
@@ -812,10 +913,26 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         return res.DeleteDatasetResponse()
 
 
+def _black_box(model: res.Model) -> str:
+    return "an inference endpoint" if model.spec.format == res.ENDPOINT else "an ONNX graph"
+
+
 def _require_gradients(model: res.Model, method: str, field: str) -> None:
     if not model.has_gradients and method not in GRADIENT_FREE:
-        raise precondition(f"{field}: model {model.id!r} is an ONNX graph without gradients; the {method!r} attack "
-                           "needs them: use method 'square' (black box)")
+        raise precondition(f"{field}: model {model.id!r} is {_black_box(model)} without gradients; the {method!r} "
+                           "attack needs them: use method 'square' (black box)")
+
+
+@dataclass(frozen=True)
+class _EvaluationPlan:
+    """A checked evaluation (see RobustnessServicer._plan_evaluate): run(ctx) does it."""
+    model: res.Model
+    dataset: res.Dataset
+    split: str
+    requested: list  # every requested sweep (AttackSweep), skipped ones included
+    runnable: list   # those that run on this model
+    run: Callable[[OpContext], results.EvaluateResult]
+    resources: frozenset
 
 
 def _jsonable(d: dict) -> dict:

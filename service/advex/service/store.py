@@ -37,6 +37,28 @@ CREATE TABLE IF NOT EXISTS datasets (
     proto    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS datasets_created_id ON datasets (created, id);
+-- audit records (advex.v1.AuditRecord), one per audited target; history is read per target
+CREATE TABLE IF NOT EXISTS audits (
+    id          TEXT PRIMARY KEY,
+    created     REAL NOT NULL,
+    model_id    TEXT NOT NULL,
+    target_name TEXT NOT NULL,
+    audit_name  TEXT NOT NULL,
+    passed      INTEGER NOT NULL,
+    proto       BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audits_created_id ON audits (created, id);
+CREATE INDEX IF NOT EXISTS audits_model_name_created ON audits (model_id, audit_name, created, id);
+CREATE INDEX IF NOT EXISTS audits_target_created ON audits (target_name, created, id);
+-- the last measured accuracies of a model on a dataset (what the accuracy gauges show), as JSON,
+-- so that the gauges come back after a restart and go with the model
+CREATE TABLE IF NOT EXISTS accuracies (
+    model_id   TEXT NOT NULL,
+    dataset_id TEXT NOT NULL,
+    updated    REAL NOT NULL,
+    value      TEXT NOT NULL,
+    PRIMARY KEY (model_id, dataset_id)
+);
 -- server-made keys (e.g. the one that signs page tokens), made once per data dir
 CREATE TABLE IF NOT EXISTS secrets (
     name     TEXT PRIMARY KEY,
@@ -46,7 +68,10 @@ CREATE TABLE IF NOT EXISTS secrets (
 
 M = TypeVar("M", bound=Message)
 RESOURCE_TABLES = ("models", "datasets")
-LIST_TABLES = ("operations",) + RESOURCE_TABLES
+LIST_TABLES = ("operations",) + RESOURCE_TABLES + ("audits",)
+# what a list may be filtered by (column = value), per table; "target" matches a model id or a name
+FILTERS = {"operations": {"kind": "kind = ?"},
+           "audits": {"target": "(model_id = ? OR target_name = ?)", "audit_name": "audit_name = ?"}}
 Row = tuple[float, str, bytes]  # created, id, proto
 
 
@@ -122,20 +147,22 @@ class Store:
     # -------------------------------------------------------------- lists, in pages
     def list_page(self, table: str, take: Callable[[int], bool], limit: int, *,
                   after: Optional[tuple[float, str]] = None, newest_first: bool = False,
-                  kind: str = "") -> tuple[list[Row], bool]:
+                  match: Optional[dict[str, str]] = None) -> tuple[list[Row], bool]:
         """One page of `table` in the order (created, id), or its reverse with newest_first: the
         rows (created, id, proto) after the position `after` (exclusive), at most `limit`, for
-        as long as take(len(proto)) agrees; and whether more rows follow. `kind` filters
-        operations. Sizes are read first (from the (created, id) index and the records'
+        as long as take(len(proto)) agrees; and whether more rows follow. `match` filters (the
+        names FILTERS allows for the table; empty values match everything). Sizes are read first (from the (created, id) index and the records'
         headers), so a refused record is never loaded; all of it under one lock, one snapshot."""
         assert table in LIST_TABLES
-        if kind and table != "operations":
-            raise ValueError("only operations have a kind")
         op, order = ("<", "DESC") if newest_first else (">", "ASC")
         clauses, args = [], []
-        if kind:
-            clauses.append("kind = ?")
-            args.append(kind)
+        for name, value in (match or {}).items():
+            clause = FILTERS.get(table, {}).get(name)
+            if clause is None:
+                raise ValueError(f"{table} cannot be filtered by {name!r}")
+            if value:
+                clauses.append(clause)
+                args += [value] * clause.count("?")
         if after is not None:
             clauses.append(f"(created, id) {op} (?, ?)")
             args += [float(after[0]), str(after[1])]
@@ -154,6 +181,45 @@ class Store:
                 marks = ",".join("?" * len(ids))
                 protos.update(self._db.execute(f"SELECT id, proto FROM {table} WHERE id IN ({marks})", ids))
         return [(created, res_id, protos[res_id]) for created, res_id in chosen], len(heads) > len(chosen)
+
+    # -------------------------------------------------------------- audits
+    def put_audit(self, record_id: str, created: float, model_id: str, target_name: str, audit_name: str,
+                  passed: bool, proto: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO audits (id, created, model_id, target_name, audit_name, passed, proto) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (record_id, created, model_id, target_name, audit_name, int(passed), proto))
+
+    def last_audit(self, model_id: str, audit_name: str, *, passed_only: bool = False) -> Optional[bytes]:
+        """The newest audit record of a model under a name (the newest passing one)."""
+        where = " AND passed = 1" if passed_only else ""
+        with self._lock:
+            row = self._db.execute(f"SELECT proto FROM audits WHERE model_id = ? AND audit_name = ?{where} "
+                                   "ORDER BY created DESC, id DESC LIMIT 1", (model_id, audit_name)).fetchone()
+        return row[0] if row else None
+
+    def latest_audits(self) -> list[bytes]:
+        """The newest record of every (model, audit name): what the audit gauges show."""
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT a.proto FROM audits a WHERE a.id = (SELECT b.id FROM audits b WHERE b.model_id = a.model_id "
+                "AND b.audit_name = a.audit_name ORDER BY b.created DESC, b.id DESC LIMIT 1)")]
+
+    # -------------------------------------------------------------- accuracies (the gauges' values)
+    def put_accuracy(self, model_id: str, dataset_id: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO accuracies (model_id, dataset_id, updated, value) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(model_id, dataset_id) DO UPDATE SET updated=excluded.updated, "
+                             "value=excluded.value", (model_id, dataset_id, time.time(), value))
+
+    def accuracies(self) -> list[tuple[str, str, float, str]]:
+        with self._lock:
+            return list(self._db.execute("SELECT model_id, dataset_id, updated, value FROM accuracies"))
+
+    def forget_model(self, model_id: str) -> None:
+        """A deleted model's gauge values go with it (its audit records stay: they are history)."""
+        with self._lock:
+            self._db.execute("DELETE FROM accuracies WHERE model_id = ?", (model_id,))
 
     def secret(self, name: str, size: int = 32) -> bytes:
         """A random key made once for this store (kept in it) and the same ever after."""
