@@ -18,6 +18,9 @@ command -v openssl >/dev/null || missing="$missing openssl"
 command -v strace >/dev/null || missing="$missing strace"
 # test_audit_report renders the audit's HTML report in headless Chromium.
 command -v chromium >/dev/null || missing="$missing chromium"
+# test_alert_rules checks and unit-tests deploy/prometheus/alerts.yml with promtool (Debian's
+# prometheus package provides it; nothing starts the daemon).
+command -v promtool >/dev/null || missing="$missing prometheus"
 if [ -n "$missing" ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

@@ -20,6 +20,7 @@ from advex.client.cli import main
 from advex.engine import zoo
 from advex.engine.loaders import save_safetensors
 from advex.service.inprocess import InProcessServer
+from test_audit_report import assert_images_load, chromium_images
 
 pytestmark = pytest.mark.mlserver
 
@@ -119,16 +120,23 @@ def test_audit_passes_then_breaches_against_its_baseline(setup, mlserver, tmp_pa
     assert [h["passed"] for h in cand["history"]] == [True, False]
     for name in ("report.html", "report.md"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
+    # the real report in a browser: per target, accuracy against eps and the trend of its two runs
+    images = chromium_images(tmp_path / "report" / "report.html", tmp_path)
+    assert len(images) == 4
+    assert_images_load(images)
 
-    # a third run still compares with the last PASSING audit (the first), not the failed one
-    records = setup["client"].list_audits(target="candidate", audit_name="nightly")
-    assert len(records) == 2 and records[0].baseline_audit_id == records[1].id and not records[0].passed
+    # a third run still compares with the last PASSING audit (the first), not the failed second one
+    assert _audit(setup, _spec(setup, mlserver, tmp_path, limit=2 * HALF)) == 1
+    capsys.readouterr()
+    third, second_record, first_record = setup["client"].list_audits(target="candidate", audit_name="nightly")
+    assert [r.passed for r in (first_record, second_record, third)] == [True, False, False]
+    assert third.baseline_audit_id == first_record.id == second_record.baseline_audit_id
 
     # the history, by target name, with its trend
     png = tmp_path / "trend.png"
     assert _audit(setup, "history", "candidate", "--plot", str(png)) == 0
     out = capsys.readouterr().out
-    assert "2 run(s)" in out and "FAIL" in out and png.stat().st_size > 1000
+    assert "3 run(s)" in out and "FAIL" in out and png.stat().st_size > 1000
 
 
 def test_the_interval_lower_bound_is_judged_when_asked(setup):
@@ -160,10 +168,45 @@ def test_spec_and_run_errors_exit_2(setup, mlserver, tmp_path, capsys):
                  thresholds=[{"norm": "L2", "eps": 0.5, "min_robust_accuracy": 0.5}])
     assert _audit(setup, spec) == 2
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    # a spec nested beyond reason, a report folder that cannot be made, no server: errors, not breaches
+    bad.write_text("targets: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert _audit(setup, str(bad)) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    spec = _spec(setup, mlserver, tmp_path, limit=HALF, name="no-folder")
+    assert main(["--target", setup["server"].target, "audit", spec, "--quiet", "--output", "/proc/no/such"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["--target", "127.0.0.1:9", "--connect-timeout", "0.5", "audit", spec, "--quiet"]) == 2
+    # a target's name must not pass for another model's id (its history is found by name too)
+    code, details = _rpc_error(lambda: setup["client"].audit(
+        "forge", [{"model_id": setup["model"].id, "name": "m-0123456789ab"}], setup["dataset"].id,
+        attacks=[{"norm": "Linf", "eps": [0.01], "method": "pgd", "steps": 1}]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "targets[0].name" in details
     # an endpoint that fails every batch: the audit cannot run (2), it is not a breach (1)
     spec = _spec(setup, mlserver, tmp_path, limit=HALF, name="down", endpoint_model="linear-fails-batches")
     assert _audit(setup, spec) == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def _rpc_error(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_the_work_budget_covers_every_target_together(tmp_path, mlserver):
+    x = np.random.default_rng(0).random((10, 1, 28, 28), dtype=np.float32)
+    y = (x.reshape(10, -1) @ mlserver.weight.T + mlserver.bias).argmax(1)
+    pgd = [{"norm": "Linf", "eps": [0.01], "method": "pgd", "steps": 100}]  # 10 x 100 = 1000 example-steps
+    with InProcessServer(data_dir=str(tmp_path), data_roots=[], max_operation_cost=1500) as srv, \
+            Client(srv.target) as c:
+        dataset = c.upload_dataset((x, y), split="test", num_classes=10)
+        net = zoo.Linear(784, 10)
+        save_safetensors(net, tmp_path / "m.safetensors")
+        ids = [c.upload_model(tmp_path / "m.safetensors", format="safetensors", architecture="linear",
+                              input_shape=[1, 28, 28], num_classes=10).id for _ in range(2)]
+        c.audit("budget", ids[:1], dataset.id, attacks=pgd).result(progress=False)  # one target fits
+        code, details = _rpc_error(lambda: c.audit("budget", ids, dataset.id, attacks=pgd))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_operation_cost" in details
 
 
 def _series(srv, name: str) -> dict:
@@ -197,6 +240,11 @@ def test_gauges_survive_a_restart_and_go_with_the_model(tmp_path, mlserver):
     with InProcessServer(**settings) as srv, Client(srv.target) as c:
         after = {n: _series(srv, n) for n in before}
         assert after == before  # restored from the store, timestamps included
+        # a new measurement at another radius replaces the model's series on that dataset
+        c.evaluate(model.id, dataset.id, attacks=[{"norm": "L2", "eps": [0.5], "method": "square", "steps": 5}]
+                   ).result(progress=False)
+        assert [k for k in _series(srv, "advex_robust_accuracy")] == [
+            f'{{dataset="{dataset.id}",eps="0.5",model="{model.id}",norm="L2"}}']
         c.delete_model(model.id)
         gone = {n: _series(srv, n) for n in before}
         assert all(not v for v in gone.values()), gone

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -238,13 +239,14 @@ document.addEventListener("DOMContentLoaded", function () { document.body.append
 </script>"""
 
 
-def test_chromium_renders_the_page_and_every_chart(written, tmp_path):
+def chromium_images(page: Path, tmp_path: Path) -> list[dict]:
+    """Render the HTML page `page` in headless Chromium and report every image as the page saw it
+    once loaded (see _PROBE); fails the test when Chromium is missing or the page never loads."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.fail("chromium is not installed: apt-get install chromium (scripts/test.sh installs it)")
-    page = written[1]["html"].read_text()
     probe = tmp_path / "probe.html"  # a copy with a script that reports every image once the page loaded
-    probe.write_text(page.replace("</head>", _PROBE + "\n</head>", 1))
+    probe.write_text(page.read_text().replace("</head>", _PROBE + "\n</head>", 1))
     env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000",
@@ -254,11 +256,19 @@ def test_chromium_renders_the_page_and_every_chart(written, tmp_path):
     match = re.search(r'<pre id="probe-result">(.*?)</pre>', done.stdout, re.S)
     assert match, f"the probe is not in the page chromium rendered:\n{done.stdout[:500]}\n{done.stderr[-1000:]}"
     assert match.group(1) != "waiting", "the page's load handler did not finish (an image never loaded?)"
-    images = json.loads(match.group(1))
-    assert len(images) == EXPECTED_CHARTS, images
+    return json.loads(match.group(1))
+
+
+def assert_images_load(images: list[dict]) -> None:
     for img in images:
         assert "error" not in img and img["complete"] and img["width"] > 0 and img["height"] > 0, images
         assert img["transparent"] == 0 and img["ink"] > 0.01 * img["width"] * img["height"], images
+
+
+def test_chromium_renders_the_page_and_every_chart(written, tmp_path):
+    images = chromium_images(written[1]["html"], tmp_path)
+    assert len(images) == EXPECTED_CHARTS, images
+    assert_images_load(images)
 
 
 # ------------------------------------------------------------------ history

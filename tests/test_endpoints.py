@@ -5,7 +5,10 @@ counts (what advex says it sent = what the endpoint saw), transfer attacks and T
 targets, and a failing or slow endpoint ending the operation with a precise status, never a hang."""
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
 import time
 
 import grpc
@@ -14,11 +17,13 @@ import pytest
 import torch
 
 from advex.client import Client
-from advex.client.sdk import OperationError
+from advex.client.sdk import OperationError, attack_spec
 from advex.engine import zoo
 from advex.engine.loaders import save_safetensors
 from advex.service.inprocess import InProcessServer
 from advex.v1 import resources_pb2 as res
+from advex.v1 import robustness_pb2 as rpc
+from advex.v1.wire import to_tensor
 
 pytestmark = pytest.mark.mlserver
 
@@ -33,7 +38,8 @@ def server(tmp_path_factory, mlserver):
     os.environ[TOKEN_ENV] = SECRET
     data_dir = tmp_path_factory.mktemp("advex-endpoints")
     with InProcessServer(data_dir=str(data_dir), data_roots=[], endpoint_hosts=[mlserver.host],
-                         endpoint_credentials=[f"ci=env:{TOKEN_ENV}", "gone=env:ADVEX_TEST_UNSET_VARIABLE"]) as srv:
+                         endpoint_credentials=[f"ci=env:{TOKEN_ENV}", "gone=env:ADVEX_TEST_UNSET_VARIABLE",
+                                               f"bound@127.0.0.1:1=env:{TOKEN_ENV}"]) as srv:
         srv.data_dir = data_dir
         yield srv
     os.environ.pop(TOKEN_ENV, None)
@@ -136,6 +142,12 @@ def test_white_box_attacks_are_refused_on_an_endpoint(client, mlserver):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "inference endpoint" in details
     out = client.attack(endpoint.id, x, [0, 1], method="square", eps=0.1, steps=5)
     assert out.queries is not None and len(out.x_adv) == 2
+    calls0, rows0 = mlserver.served("linear")
+    reply = client.stub.Attack(rpc.AttackRequest(model_id=endpoint.id, x=to_tensor(x), y=to_tensor(np.array([0, 1])),
+                                                 attack=attack_spec("Linf", 0.1, "square", 5)), timeout=30)
+    calls1, rows1 = mlserver.served("linear")
+    usage = reply.endpoint_usage
+    assert usage.model_id == endpoint.id and (usage.requests, usage.rows) == (calls1 - calls0, rows1 - rows0) > (0, 0)
 
 
 def test_a_failing_endpoint_is_retried_then_fails_the_operation_precisely(client, mlserver, twin):
@@ -149,7 +161,8 @@ def test_a_failing_endpoint_is_retried_then_fails_the_operation_precisely(client
     assert time.monotonic() - t0 < 60
     error = info.value.operation.error
     assert error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert endpoint.id in error.message and "linear-fails-batches" in error.message and "3" in error.message
+    assert endpoint.id in error.message and "linear-fails-batches" in error.message
+    assert "after 3 attempts" in error.message and "HTTP 503" in error.message
     # the first batch: one request and two retries, all refused; then nothing more was sent
     assert after["failures"] - before["failures"] == 3 and after["calls"] - before["calls"] == 3
 
@@ -163,7 +176,8 @@ def test_a_slow_endpoint_times_out_instead_of_hanging(client, mlserver, twin, pr
     with pytest.raises(OperationError) as info:
         client.evaluate(endpoint.id, dataset.id, attacks=[SQUARE]).result(progress=False)
     assert time.monotonic() - t0 < 30  # two attempts of 0.5 s, not the endpoint's 3 s each
-    assert info.value.operation.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    error = info.value.operation.error
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "after 2 attempts" in error.message
 
 
 def test_registration_refusals(client, mlserver):
@@ -182,6 +196,8 @@ def test_registration_refusals(client, mlserver):
         (dict(credential="gone"), grpc.StatusCode.FAILED_PRECONDITION, "ADVEX_TEST_UNSET_VARIABLE"),
         (dict(retries=11), grpc.StatusCode.INVALID_ARGUMENT, "retries"),
         (dict(timeout_seconds=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds"),
+        (dict(max_qps=1e-300), grpc.StatusCode.INVALID_ARGUMENT, "max_qps"),
+        (dict(credential="bound"), grpc.StatusCode.PERMISSION_DENIED, "bound to 127.0.0.1:1"),
         (dict(model_name="linear-unavailable", retries=0), grpc.StatusCode.UNAVAILABLE, "503"),
     ]
     for change, want, text in cases:
@@ -212,3 +228,135 @@ def test_a_server_without_an_allow_list_contacts_no_endpoint(tmp_path, mlserver)
                                                           num_classes=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "endpoint_hosts: none" in details
         assert mlserver.counts("linear") == before
+
+
+def test_retries_are_counted_in_the_result(client, mlserver, twin):
+    _, dataset = twin
+    endpoint = _register(client, mlserver, "grpc", model="linear-flaky", retries=3, backoff_seconds=0.01)
+    before = mlserver.counts("linear-flaky")
+    result = client.evaluate(endpoint.id, dataset.id, attacks=[SQUARE]).result(progress=False)
+    after = mlserver.counts("linear-flaky")
+    usage = result.endpoint_usage
+    # every other call fails (503, which MLServer's gRPC reports as UNKNOWN): each is retried once
+    assert usage.failures == after["failures"] - before["failures"] > 0
+    assert usage.retries == usage.failures and usage.requests == after["calls"] - before["calls"]
+    assert result.clean_correct == N
+
+
+def test_max_qps_spaces_the_requests(client, mlserver, twin):
+    _, dataset = twin
+    endpoint = _register(client, mlserver, "grpc", max_qps=25)
+    t0 = time.monotonic()
+    result = client.evaluate(endpoint.id, dataset.id, limit=8,
+                             attacks=[{**SQUARE, "steps": 10}]).result(progress=False)
+    wall = time.monotonic() - t0
+    requests = result.endpoint_usage.requests
+    assert requests >= 5 and wall >= (requests - 1) / 25  # a lower bound the limit guarantees, not a timing
+
+
+# ---------------------------------------------------------------- a scripted OIP endpoint
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """A REST OIP endpoint of the MLServer fixture's linear model with scripted misbehaviour,
+    by model name: `echo` refuses batches with a 400 that quotes the authorization header it got,
+    `narrow` answers batches with 3 classes, `flat` takes its input flattened ([-1, 784])."""
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status: int, obj) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/v2":
+            return self._send(200, {"name": "scripted", "version": "1", "extensions": []})
+        name = self.path.rsplit("/", 1)[-1]
+        shape = [-1, 784] if name == "flat" else [-1, 1, 28, 28]
+        self._send(200, {"name": name, "versions": ["1"], "platform": "scripted",
+                         "inputs": [{"name": "input", "datatype": "FP32", "shape": shape}],
+                         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]})
+
+    def do_POST(self):  # noqa: N802
+        name = self.path.split("/")[3]
+        self.server.headers_seen.append(self.headers.get("Authorization"))
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        inp = request["inputs"][0]
+        n = inp["shape"][0]
+        if name == "flat" and len(inp["shape"]) != 2:
+            return self._send(400, {"error": f"expected [n, 784], got {inp['shape']}"})
+        if name == "echo" and n > 1:
+            return self._send(400, {"error": f"bad auth: {self.headers.get('Authorization')}"})
+        x = np.asarray(inp["data"], dtype=np.float32).reshape(n, -1)
+        logits = x @ self.server.weight.T + self.server.bias
+        if name == "narrow" and n > 1:
+            logits = logits[:, :3]
+        self._send(200, {"model_name": name, "outputs": [{"name": "logits", "datatype": "FP32",
+                                                          "shape": list(logits.shape),
+                                                          "data": logits.ravel().tolist()}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def scripted(mlserver):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    srv.daemon_threads = True
+    srv.weight, srv.bias, srv.headers_seen = mlserver.weight, mlserver.bias, []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _scripted(client, scripted, name: str, **kw) -> res.Model:
+    url = f"http://127.0.0.1:{scripted.server_address[1]}"
+    return client.register_endpoint(url, name, input_shape=[1, 28, 28], num_classes=10, retries=0, **kw)
+
+
+def test_the_credential_reaches_the_endpoint_and_an_echo_of_it_is_redacted(client, scripted, twin, server):
+    _, dataset = twin
+    scripted.headers_seen.clear()
+    endpoint = _scripted(client, scripted, "echo", credential="ci")
+    assert scripted.headers_seen == [f"Bearer {SECRET}"]  # the registration's one-example check
+    with pytest.raises(OperationError) as info:
+        client.evaluate(endpoint.id, dataset.id, attacks=[SQUARE]).result(progress=False)
+    error = info.value.operation.error
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "bad auth: Bearer [redacted]" in error.message and SECRET not in error.message
+    stored = b"".join(p.read_bytes() for p in server.data_dir.rglob("advex.sqlite3*"))
+    assert SECRET.encode() not in stored
+
+
+def test_an_endpoint_changing_its_class_count_fails_precisely(client, scripted, twin):
+    _, dataset = twin
+    endpoint = _scripted(client, scripted, "narrow")
+    with pytest.raises(OperationError) as info:
+        client.evaluate(endpoint.id, dataset.id, attacks=[SQUARE]).result(progress=False)
+    error = info.value.operation.error
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "10" in error.message
+    assert "3 classes" in error.message
+
+
+def test_a_flattened_input_is_sent_flattened(client, scripted, twin):
+    model, dataset = twin
+    endpoint = _scripted(client, scripted, "flat")
+    served = client.evaluate(endpoint.id, dataset.id, attacks=[SQUARE]).result(progress=False)
+    direct = client.evaluate(model.id, dataset.id, attacks=[SQUARE]).result(progress=False)
+    assert served.clean_correct == N
+    assert served.worst_case[0].per_example.data == direct.worst_case[0].per_example.data
+
+
+def test_the_suites_black_box_part_runs_on_an_endpoint(client, mlserver, twin):
+    _, dataset = twin
+    endpoint = _register(client, mlserver, "grpc")
+    result = client.evaluate(endpoint.id, dataset.id, limit=8, suite="autoattack",
+                             attacks=[{"norm": "Linf", "eps": [0.3]}]).result(progress=False)
+    assert [(r.attack.method, r.suite) for r in result.robust] == [("square", "autoattack")]
+    assert sorted(s.attack.method for s in result.skipped) == ["apgd-ce", "apgd-t", "fab-t"]
+    assert all("inference endpoint" in s.reason for s in result.skipped)
+    assert result.worst_case[0].robust_correct == result.robust[0].robust_correct
+    assert result.endpoint_usage.requests > 0

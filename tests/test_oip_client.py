@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advex.service.oip import EndpointError, EndpointTarget, OipClient, Usage, check_metadata, parse_url
+from advex.service.oip import (EndpointError, EndpointTarget, OipClient, Pacer, Usage, check_metadata,
+                               input_is_flat, parse_url)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_SRC = ROOT / "tests" / "oip_server"
@@ -35,9 +36,9 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)
 
 
-def client(url: str, model: str = "linear", **kw) -> OipClient:
+def client(url: str, model: str = "linear", pacer: Pacer | None = None, **kw) -> OipClient:
     kw.setdefault("backoff_s", 0.001)
-    return OipClient(EndpointTarget(url=url, model_name=model, **kw))
+    return OipClient(EndpointTarget(url=url, model_name=model, **kw), pacer=pacer)
 
 
 @pytest.fixture(params=["rest", "grpc"])
@@ -62,7 +63,7 @@ def test_check_metadata_accepts_and_refuses():
     assert check_metadata(nhwc, (1, 28, 28), "NHWC", 10, "", "") == ("input", "logits")
     flat = dict(meta, inputs=[{"name": "input", "datatype": "FP32", "shape": [-1, 784]}])
     assert check_metadata(flat, (1, 28, 28), "NCHW", 10, "", "") == ("input", "logits")
-    dyn = dict(meta, inputs=[{"name": "input", "datatype": "FP64", "shape": [-1, 1, -1, -1]}],
+    dyn = dict(meta, inputs=[{"name": "input", "datatype": "FP32", "shape": [-1, 1, -1, -1]}],
                outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, -1]}])
     assert check_metadata(dyn, (1, 28, 28), "NCHW", 10, "", "") == ("input", "logits")
 
@@ -87,13 +88,38 @@ def test_check_metadata_accepts_and_refuses():
          "model 'linear' has 2 inputs ['input', 'input']; name the input to use"),
         ((dict(meta, inputs=[{"name": "input", "datatype": "INT32", "shape": [-1, 1, 28, 28]}]), (1, 28, 28),
           "NCHW", 10, "", ""),
-         "input 'input' of model 'linear' has datatype INT32; a float type (FP16, BF16, FP32, FP64) is needed"),
+         "input 'input' is INT32; advex sends FP32 (model 'linear')"),
         ((meta, (1, 28, 28), "CHWN", 10, "", ""), "layout must be NCHW or NHWC, got 'CHWN'"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError) as e:
             check_metadata(*args)
         assert str(e.value) == message
+
+
+def test_check_metadata_requires_fp32_inputs():
+    """The client always sends FP32: an FP16, BF16 or FP64 input would be refused by a strict server."""
+    meta = declared_metadata("linear")
+    for dt in ("FP16", "BF16", "FP64"):
+        other = dict(meta, inputs=[{"name": "x", "datatype": dt, "shape": [-1, 1, 28, 28]}])
+        with pytest.raises(ValueError) as e:
+            check_metadata(other, (1, 28, 28), "NCHW", 10, "", "")
+        assert str(e.value) == f"input 'x' is {dt}; advex sends FP32 (model 'linear')"
+
+
+def test_input_is_flat():
+    meta = declared_metadata("linear")
+    flat = dict(meta, inputs=[{"name": "input", "datatype": "FP32", "shape": [-1, 784]}])
+    assert check_metadata(flat, (1, 28, 28), "NCHW", 10, "", "") == ("input", "logits")   # still accepted
+    assert input_is_flat(flat, "input") and input_is_flat(flat, "")
+    assert not input_is_flat(meta, "input") and not input_is_flat(meta, "")
+    two = dict(meta, inputs=[{"name": "a", "datatype": "FP32", "shape": [-1, 784]},
+                             {"name": "b", "datatype": "FP32", "shape": [-1, 28, 28, 1]}])
+    assert input_is_flat(two, "a") and not input_is_flat(two, "b")
+    with pytest.raises(ValueError, match="has no input named 'c'"):
+        input_is_flat(two, "c")
+    with pytest.raises(ValueError, match="has 2 inputs; name the input to use"):
+        input_is_flat(two, "")
 
 
 # ---------------------------------------------------------------- inference
@@ -173,6 +199,20 @@ def test_slow_model_times_out(url):
 
 
 @pytest.mark.mlserver
+def test_declared_num_classes_is_checked(url):
+    """A model registered with num_classes answering another class count is refused (REST and gRPC)."""
+    with client(url, input_name="input", num_classes=10) as c:
+        assert c.infer(images(2)).shape == (2, 10)
+        assert c.infer(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 10)
+    with client(url, input_name="input", num_classes=3, retries=2) as c:
+        assert c.infer(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 3)   # nothing sent
+        with pytest.raises(EndpointError) as e:
+            c.infer(images(2))
+    assert (e.value.kind, e.value.attempts) == ("protocol", 1)
+    assert "output 'logits' answered 10 classes, the model was registered with 3" in str(e.value)
+
+
+@pytest.mark.mlserver
 def test_unknown_model_is_not_found(url):
     with client(url, "nope", input_name="input") as c:
         with pytest.raises(EndpointError) as e:
@@ -229,6 +269,23 @@ def test_qps_limit_spaces_requests(mlserver):
     assert c.usage().requests == 5
     assert sum(fake.sleeps) == pytest.approx(0.4, abs=1e-9)
     assert len(fake.sleeps) == 4
+
+
+def test_clients_sharing_a_pacer_keep_to_its_rate(hostile):
+    """The service makes one client per operation: clients of one endpoint share one Pacer, so
+    that two operations together still start at most max_qps requests per second."""
+    hostile.mode = "ok"
+    fake = FakeTime()
+    pacer = Pacer(10, clock=fake.clock, sleep=fake.sleep)
+    url = f"http://127.0.0.1:{hostile.server_address[1]}"
+    with client(url, "m", input_name="input", max_qps=10, pacer=pacer) as a, \
+            client(url, "m", input_name="input", max_qps=10, pacer=pacer) as b:
+        for _ in range(3):
+            a.infer(images(1))
+            b.infer(images(1))
+        assert a.usage().requests == b.usage().requests == 3
+    assert sum(fake.sleeps) == pytest.approx(0.5, abs=1e-9)   # 6 request starts, 0.1 s apart
+    assert fake.sleeps == pytest.approx([0.1] * 5, abs=1e-9)
 
 
 def test_backoff_doubles_and_is_capped():
@@ -302,6 +359,22 @@ class Hostile(http.server.BaseHTTPRequestHandler):
         elif mode == "hang":
             time.sleep(1.5)
             self._send(200, json.dumps({"outputs": [out]}).encode())
+        elif mode == "echo":     # an error quoting the credential received
+            auth = self.headers["Authorization"]
+            self._send(400, json.dumps({"error": f"bad auth: {auth}; token {auth.split()[-1]} unknown"}).encode())
+        elif mode == "echo-datatype":   # the credential in a field the client quotes clipped to 40 characters
+            dt = "y" * 20 + " " + self.headers["Authorization"]
+            self._send(200, json.dumps({"outputs": [dict(out, datatype=dt)]}).encode())
+        elif mode == "trickle":  # a header line every 0.2 s for 10 s: each read is quick, the answer never ends
+            self.close_connection = True
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for i in range(50):
+                time.sleep(0.2)
+                self.wfile.write(f"X-Slow-{i}: {i}\r\n".encode())
+        elif mode == "three-classes":
+            self._send(200, json.dumps({"outputs": [dict(out, shape=[rows, 3], data=[0.5] * (3 * rows))]}).encode())
+        elif mode == "padded":   # a good 2-class answer, padded with 100 KB of JSON white space
+            self._send(200, json.dumps({"outputs": [out]}).encode()[:-1] + b" " * 100_000 + b"}")
 
 
 class QuietServer(http.server.ThreadingHTTPServer):
@@ -345,6 +418,85 @@ def test_hostile_endpoint(hostile, mode, kind, words):
     assert e.value.kind == kind, str(e.value)
     assert words in str(e.value)
     assert "\n" not in str(e.value) and len(str(e.value)) < 600
+
+
+@pytest.mark.parametrize("mode, kind", [("echo", "invalid"), ("echo-datatype", "protocol")])
+def test_error_messages_redact_header_values(hostile, mode, kind):
+    """An endpoint quoting the credential it received (whole, bare, or cut short by a clip) does
+    not put it into the error message, which the service stores."""
+    hostile.mode = mode
+    url = f"http://127.0.0.1:{hostile.server_address[1]}"
+    with client(url, "m", input_name="input", headers=(("Authorization", "Bearer TOPSECRET-0123456789"),)) as c, \
+            pytest.raises(EndpointError) as e:
+        c.infer(images(3))
+    assert e.value.kind == kind, str(e.value)
+    assert "TOPSEC" not in str(e.value) and "[redacted]" in str(e.value), str(e.value)
+    if mode == "echo":
+        assert "HTTP 400 Bad Request: bad auth: Bearer [redacted]; token [redacted] unknown" in str(e.value)
+
+
+def test_grpc_error_details_redact_header_values():
+    import grpc
+    from concurrent import futures
+
+    from advex.oip import open_inference_pb2_grpc as pbg
+
+    class Echo(pbg.GRPCInferenceServiceServicer):
+        def ModelInfer(self, request, context):
+            auth = dict(context.invocation_metadata())["authorization"]
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad auth: {auth}; token {auth.split()[-1]} unknown")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pbg.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with client(f"grpc://127.0.0.1:{port}", "m", input_name="input",
+                    headers=(("Authorization", "Bearer TOPSECRET-0123456789"),)) as c, \
+                pytest.raises(EndpointError) as e:
+            c.infer(images(1))
+    finally:
+        server.stop(None)
+    assert (e.value.kind, e.value.attempts) == ("invalid", 1)
+    assert "gRPC INVALID_ARGUMENT: bad auth: Bearer [redacted]; token [redacted] unknown" in str(e.value), \
+        str(e.value)
+    assert "TOPSEC" not in str(e.value)
+
+
+def test_rest_deadline_bounds_a_trickled_answer(hostile):
+    """timeout_s bounds the whole attempt (status line and headers included), not each read."""
+    hostile.mode = "trickle"
+    url = f"http://127.0.0.1:{hostile.server_address[1]}"
+    t0 = time.monotonic()
+    with client(url, "m", input_name="input", timeout_s=0.5, retries=1) as c, pytest.raises(EndpointError) as e:
+        c.infer(images(3))
+    took = time.monotonic() - t0
+    assert (e.value.kind, e.value.attempts) == ("deadline", 2), str(e.value)
+    assert "timed out (0.5 s) after 2 attempts" in str(e.value)
+    assert took < 5.0, took   # about 1 s; without an overall deadline, 20 s
+
+
+def test_declared_num_classes_refuses_other_class_counts(hostile):
+    hostile.mode = "three-classes"
+    url = f"http://127.0.0.1:{hostile.server_address[1]}"
+    with client(url, "m", input_name="input") as c:
+        assert c.infer(images(3)).shape == (3, 3)          # no class count declared: accepted
+    with client(url, "m", input_name="input", num_classes=2, retries=1) as c, pytest.raises(EndpointError) as e:
+        c.infer(images(3))
+    assert (e.value.kind, e.value.attempts) == ("protocol", 1)
+    assert "output 'logits' answered 3 classes, the model was registered with 2" in str(e.value)
+
+
+def test_declared_num_classes_bounds_the_response(hostile):
+    """With num_classes declared, an answer may take rows * num_classes * 48 bytes + 64 KiB."""
+    hostile.mode = "padded"
+    url = f"http://127.0.0.1:{hostile.server_address[1]}"
+    with client(url, "m", input_name="input") as c:
+        assert c.infer(images(3)).tolist() == [[0.5, 0.5]] * 3   # under the 10,000-class bound
+    with client(url, "m", input_name="input", num_classes=2) as c, pytest.raises(EndpointError) as e:
+        c.infer(images(3))
+    assert e.value.kind == "protocol"
+    assert f"exceeds the limit of {3 * 2 * 48 + 64 * 1024} bytes" in str(e.value)
 
 
 def test_hostile_endpoint_good_answers_and_headers(hostile):
@@ -398,6 +550,10 @@ def test_parse_url():
         "http://host:0": "invalid port '0'",
         "http://host:99999": "invalid port '99999'",
         "http://host:abc": "invalid port 'abc'",
+        "http://h:\u0660\u0668\u0660": "invalid port '\u0660\u0668\u0660'",   # Arabic-Indic digits "080"
+        "http://h:\uff18\uff10": "invalid port '\uff18\uff10'",               # full-width digits "80"
+        "http://h:\u00b2": "invalid port '\u00b2'",                          # superscript two
+        "http://h:123456": "invalid port '123456'",
         "http://:8080": "has no host",
         "http://ho st:80": "whitespace or control characters",
         "": "endpoint URL is empty",

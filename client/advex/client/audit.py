@@ -45,6 +45,7 @@ from advex.v1 import results_pb2 as results
 
 EXIT_PASS, EXIT_BREACH, EXIT_ERROR = 0, 1, 2
 HISTORY_LIMIT = 50  # earlier audits shown in a report's trend
+MAX_SPEC_BYTES = 64 << 10  # what the server keeps of a spec (AuditRequest.spec_text)
 NORM_NAMES = {results.LINF: "Linf", results.L2: "L2"}
 
 
@@ -160,18 +161,27 @@ def load_spec(path: Union[str, Path]) -> tuple[AuditSpec, str]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the spec ({getattr(exc, 'strerror', None) or exc})") from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {len(text)} characters; a spec has at most {MAX_SPEC_BYTES} (the server keeps it)")
     try:
         data = yaml.safe_load(text)  # plain data only: no Python objects from YAML tags
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a spec") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a mapping of fields (name, dataset, targets, ...)")
-    odd = _non_text_keys(data)
+    try:
+        odd = _non_text_keys(data)
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a spec") from None
     if odd:
         raise SpecError(f"{path}: {odd[0]}: a key reads as {odd[1]!r}, not text (YAML takes on, off, yes, no, y, n "
                         "unquoted as true or false): quote it or rename it")
     try:
         return AuditSpec.model_validate(data), text
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a spec") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

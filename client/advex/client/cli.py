@@ -221,37 +221,39 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    """advex audit SPEC.yaml | advex audit history TARGET: exit 0 pass, 1 breach, 2 error."""
+    """advex audit SPEC.yaml | advex audit history TARGET: exit 0 pass, 1 breach, 2 error (any
+    error: a breach is only ever a judged threshold)."""
     from advex.client import audit
 
-    if args.spec == "history":
-        return _audit_history(args)
-    if args.target:
-        print(f"error: unexpected argument {args.target!r} (advex audit SPEC.yaml, or advex audit history TARGET)",
-              file=sys.stderr)
-        return audit.EXIT_ERROR
     try:
-        spec, text = audit.load_spec(args.spec)
+        return _audit_history(args) if args.spec == "history" else _audit_run(args)
     except audit.SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return audit.EXIT_ERROR
-    try:
-        client = _client(args)
-        result, op_id, kinds = audit.run(client, spec, text, progress=not args.quiet)
-        data = audit.report_data(client, spec, result, op_id, kinds)
     except NoServer:
         print(no_server_message(args.server), file=sys.stderr)
-        return audit.EXIT_ERROR
     except grpc.RpcError as exc:
         print(f"error: the audit could not run: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return audit.EXIT_ERROR
     except OperationError as exc:
         print(f"error: the audit could not run: {exc}", file=sys.stderr)
-        return audit.EXIT_ERROR
+    except SystemExit as exc:  # the client's own checks (TLS files, ...) end with a message
+        print(exc if isinstance(exc.code, str) else f"error: exit {exc.code}", file=sys.stderr)
+    except Exception as exc:  # the report could not be written, ...: an error, never a verdict
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return audit.EXIT_ERROR
+
+
+def _audit_run(args) -> int:
+    from advex.client import audit
     from advex.client.audit_report import write_reports
 
-    out_dir = args.output or spec.output
-    paths = write_reports(data, out_dir)
+    if args.target:
+        raise audit.SpecError(f"unexpected argument {args.target!r} (advex audit SPEC.yaml, or advex audit "
+                              "history TARGET)")
+    spec, text = audit.load_spec(args.spec)
+    client = _client(args)
+    result, op_id, kinds = audit.run(client, spec, text, progress=not args.quiet)
+    data = audit.report_data(client, spec, result, op_id, kinds)
+    paths = write_reports(data, args.output or spec.output)
     for t in data["targets"]:
         print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']} ({t['model_id']})")
         for c in t["checks"]:
@@ -262,24 +264,24 @@ def cmd_audit(args) -> int:
 
 
 def _audit_history(args) -> int:
+    """The audits of a target (model id or name), per audit name and model, oldest first."""
     from advex.client import audit
     from advex.client.audit_report import draw_history, history_table
 
     if not args.target:
-        print("error: advex audit history TARGET (a model id or a target name)", file=sys.stderr)
-        return audit.EXIT_ERROR
+        raise audit.SpecError("advex audit history TARGET (a model id or a target name)")
     records = _client(args).list_audits(target=args.target, audit_name=args.name, limit=args.limit or None)
     if not records:
         print(f"no audits of {args.target!r}{f' named {args.name!r}' if args.name else ''}")
         return audit.EXIT_PASS
     records = sorted(records, key=lambda r: (r.create_time.seconds, r.create_time.nanos, r.id))
-    names = sorted({r.audit_name for r in records})
-    for name in names:
-        entries = [audit.history_entry(r) for r in records if r.audit_name == name]
-        print(f"audit {name!r} of {args.target!r}: {len(entries)} run(s)")
+    groups = sorted({(r.audit_name, r.model_id) for r in records})
+    for name, model_id in groups:
+        entries = [audit.history_entry(r) for r in records if (r.audit_name, r.model_id) == (name, model_id)]
+        print(f"audit {name!r} of {args.target!r} (model {model_id}): {len(entries)} run(s)")
         print(history_table(entries))
         if args.plot:
-            path = args.plot if len(names) == 1 else f"{Path(args.plot).with_suffix('')}-{name}.png"
+            path = args.plot if len(groups) == 1 else f"{Path(args.plot).with_suffix('')}-{name}-{model_id}.png"
             draw_history(entries, path, title=f"{args.target}: {name}")
             print(f"wrote {path}")
     return audit.EXIT_PASS

@@ -26,7 +26,7 @@ class AttackRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., domain: _Optional[_Union[_resources_pb2.Domain, str]] = ...) -> None: ...
 
 class AttackResponse(_message.Message):
-    __slots__ = ("x_adv", "clean_pred", "adv_pred", "success", "perturbation_norm", "attack", "model_sha256", "queries")
+    __slots__ = ("x_adv", "clean_pred", "adv_pred", "success", "perturbation_norm", "attack", "model_sha256", "queries", "endpoint_usage")
     X_ADV_FIELD_NUMBER: _ClassVar[int]
     CLEAN_PRED_FIELD_NUMBER: _ClassVar[int]
     ADV_PRED_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class AttackResponse(_message.Message):
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_USAGE_FIELD_NUMBER: _ClassVar[int]
     x_adv: _tensor_pb2.Tensor
     clean_pred: _tensor_pb2.Tensor
     adv_pred: _tensor_pb2.Tensor
@@ -43,7 +44,8 @@ class AttackResponse(_message.Message):
     attack: _results_pb2.AttackSpec
     model_sha256: str
     queries: _tensor_pb2.Tensor
-    def __init__(self, x_adv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., clean_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., adv_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., success: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., perturbation_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    endpoint_usage: _results_pb2.EndpointUsage
+    def __init__(self, x_adv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., clean_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., adv_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., success: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., perturbation_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., endpoint_usage: _Optional[_Union[_results_pb2.EndpointUsage, _Mapping]] = ...) -> None: ...
 
 class AttackSweep(_message.Message):
     __slots__ = ("attack", "eps")

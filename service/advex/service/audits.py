@@ -7,8 +7,9 @@ Checks, per target:
   threshold's norm and eps (or the lower end of its 95% interval, on_ci_lower) >= the minimum.
   A threshold nothing measured on this target (every attack skipped) fails, saying so.
 - max_drop: at every norm and eps measured now and in the baseline (the last passing audit of
-  this target and name), baseline accuracy - accuracy <= max_drop. No baseline: nothing to
-  compare, recorded as a passing check that says so."""
+  this target and name on the same dataset and split), baseline accuracy - accuracy <= max_drop.
+  No baseline, or no radius in common with it: nothing to compare, recorded as a passing check
+  that says so."""
 from __future__ import annotations
 
 import math
@@ -24,6 +25,8 @@ from advex.v1 import results_pb2 as results
 from advex.v1 import robustness_pb2 as rpc
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+MODEL_ID_SHAPE = re.compile(r"m-[0-9a-f]{12}")  # a target name must not pass for another target's id
+BASELINE_SEARCH = 200  # passing records of a target and name searched for one on the same data
 MAX_TARGETS = 16
 MAX_THRESHOLDS = 64
 MAX_SPEC_TEXT = 64 << 10
@@ -40,6 +43,9 @@ def check_request(request: rpc.AuditRequest) -> None:
     seen = set()
     for k, t in enumerate(request.targets):
         check_text(t.name, f"targets[{k}].name")
+        if MODEL_ID_SHAPE.fullmatch(t.name) and t.name != t.model_id:
+            raise invalid(f"targets[{k}].name", f"{t.name!r} has the form of a model id: a target's name must not "
+                                                "pass for another model (its history is found by name too)")
         if t.model_id in seen:
             raise invalid(f"targets[{k}].model_id", f"{t.model_id!r} is audited twice in one request")
         seen.add(t.model_id)
@@ -106,13 +112,25 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def baseline(store, model_id: str, request: rpc.AuditRequest) -> "results.AuditRecord | None":
+    """The last passing audit of this target and name on the same dataset and split (the number
+    of examples may differ: a larger sample is still the same measurement)."""
+    split = request.split or "test"
+    for blob in store.recent_audits(model_id, request.name, passed_only=True, limit=BASELINE_SEARCH):
+        record = results.AuditRecord.FromString(blob)
+        if record.evaluation.dataset_id == request.dataset_id and record.evaluation.split == split:
+            return record
+    return None
+
+
 def judge(request: rpc.AuditRequest, target: rpc.AuditTarget, model, evaluation: results.EvaluateResult,
-          operation_id: str, baseline: "results.AuditRecord | None") -> results.AuditRecord:
-    """The record of one target's audit: its checks and verdict."""
+          operation_id: str, baseline: "results.AuditRecord | None", identity: tuple[str, str]) -> results.AuditRecord:
+    """The record of one target's audit: its checks and verdict. identity: (endpoint metadata
+    JSON or "", sha256) of the target as it was audited."""
     record = results.AuditRecord(
         id=f"au-{uuid.uuid4().hex[:12]}", operation_id=operation_id, audit_name=request.name,
-        model_id=model.id, target_name=target.name or model.id, model_sha256=model.sha256,
-        endpoint_metadata_json=model.endpoint_metadata_json, create_time=now(), evaluation=evaluation,
+        model_id=model.id, target_name=target.name or model.id, model_sha256=identity[1],
+        endpoint_metadata_json=identity[0], create_time=now(), evaluation=evaluation,
         request_json=json_format.MessageToJson(request, indent=None, preserving_proto_field_name=True))
     if request.HasField("min_clean_accuracy"):
         acc, limit = evaluation.clean_accuracy, request.min_clean_accuracy
@@ -148,10 +166,12 @@ def judge(request: rpc.AuditRequest, target: rpc.AuditTarget, model, evaluation:
         else:
             record.baseline_audit_id = baseline.id
             before = {(NORM_NAMES[wc.norm], wc.eps): wc.robust_accuracy for wc in baseline.evaluation.worst_case}
+            compared = 0
             for (norm, eps), wc in sorted(worst.items()):
                 base = next((v for (n, e), v in before.items() if n == norm and _has({(n, e)}, norm, eps)), None)
                 if base is None:
                     continue
+                compared += 1
                 drop = base - wc.robust_accuracy
                 ok = drop <= request.max_drop + 1e-12
                 record.checks.add(kind="max_drop", norm=wc.norm, eps=eps, on="point", measured=drop,
@@ -159,5 +179,8 @@ def judge(request: rpc.AuditRequest, target: rpc.AuditTarget, model, evaluation:
                                   message=f"{norm} eps {eps:g}: {_pct(wc.robust_accuracy)} against {_pct(base)} in "
                                           f"audit {baseline.id}, a drop of {100 * drop:.1f} points "
                                           f"({'within' if ok else 'beyond'} the {100 * request.max_drop:.1f} allowed)")
+            if not compared:
+                record.checks.add(kind="max_drop", on="point", limit=request.max_drop, passed=True,
+                                  message=f"no radius in common with audit {baseline.id}: nothing to compare with")
     record.passed = all(c.passed for c in record.checks)
     return record

@@ -57,8 +57,10 @@ def _check_metrics_host(value: str) -> Optional[str]:
     return None if value == LOOPBACK else _check_host(value)
 
 
-ENDPOINT_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?$")
-CREDENTIAL = re.compile(r"^([A-Za-z][A-Za-z0-9_-]{0,63})=(env|file):(.+)$")
+_HOST = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252})"
+ENDPOINT_HOST = re.compile(rf"^{_HOST}(:[0-9]{{1,5}})?$")
+# NAME[@HOST[:PORT]]=env:VARIABLE or =file:PATH; groups: name, host, ":port", kind, where
+CREDENTIAL = re.compile(rf"^([A-Za-z][A-Za-z0-9_-]{{0,63}})(?:@{_HOST}(:[0-9]{{1,5}})?)?=(env|file):(.+)$")
 
 
 def _check_endpoint_hosts(value: list) -> Optional[str]:
@@ -74,7 +76,7 @@ def _check_credentials(value: list) -> Optional[str]:
     for item in value:
         match = CREDENTIAL.match(item)
         if not match:
-            return "NAME=env:VARIABLE or NAME=file:PATH entries"
+            return "NAME=env:VARIABLE or NAME=file:PATH entries, NAME@HOST[:PORT]=... to bind one to a host"
         if match.group(1) in names:
             return f"each NAME once ({match.group(1)!r} is given twice)"
         names.add(match.group(1))
@@ -242,8 +244,13 @@ class ServerConfig:
         factory=list, metavar="NAME=env:VAR|NAME=file:PATH", shown="none", sep=",", check=_check_credentials,
         help="secrets endpoints are queried with, by name (repeatable, or ','-separated in the environment): an "
              "EndpointSpec names one, the server reads it from its own environment variable or file when it "
-             "queries, and sends it as 'authorization: Bearer <secret>'. Neither the secret nor its source is "
-             "ever stored or returned")
+             "queries, and sends it as 'authorization: Bearer <secret>'. NAME@HOST[:PORT]=... binds it to that "
+             "host (and port): it is then never sent anywhere else. Neither the secret nor its source is ever "
+             "stored or returned")
+    endpoint_ca_file: Optional[str] = _setting(
+        None, metavar="FILE", shown="none", check=_check_nonempty,
+        help="PEM file of the CAs that https:// and grpcs:// endpoints' certificates are checked against "
+             "(default: the system's)")
     endpoint_max_batch: int = _setting(
         1024, minimum=1, maximum=65536, metavar="N",
         help="most examples one request to an inference endpoint may carry (EndpointSpec.max_batch_size)")

@@ -9,10 +9,13 @@ secret. Queries go through oip.OipClient: batched, timed out, retried with backo
 and counted."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,7 +36,11 @@ DEFAULT_RETRIES = 3
 MAX_RETRIES = 10
 DEFAULT_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 60.0
+MIN_QPS = 0.01      # a positive max_qps below this would stall an operation for hours between requests
 MAX_QPS = 100_000.0
+# registration queries the endpoint inside a unary call: its requests get at most this long and one retry
+REGISTER_TIMEOUT_S = 30.0
+REGISTER_RETRIES = 1
 MAX_URL = 512
 MAX_METADATA_JSON = 64 << 10
 # OIP model names and versions become a URL path segment or a gRPC field: plain words only
@@ -82,10 +89,19 @@ def check_spec(spec: res.ModelSpec, cfg: ServerConfig, field: str = "spec") -> t
         _bounded(ep.retries, 0, MAX_RETRIES, f"{where}.retries", f"unset = {DEFAULT_RETRIES}")
     _bounded(ep.backoff_seconds, 0, MAX_BACKOFF_S, f"{where}.backoff_seconds", f"0 = {DEFAULT_BACKOFF_S:g}")
     _bounded(ep.max_qps, 0, MAX_QPS, f"{where}.max_qps", "0 = no limit")
-    if ep.credential and ep.credential not in credential_sources(cfg):
-        known = ", ".join(sorted(credential_sources(cfg))) or "none"
-        raise invalid(f"{where}.credential", f"{quote(ep.credential)} is not one of the server's "
-                                             f"endpoint_credentials (known names: {known})")
+    if 0 < ep.max_qps < MIN_QPS:
+        raise invalid(f"{where}.max_qps", f"0 (no limit) or at least {MIN_QPS:g} requests a second, got {ep.max_qps!r}")
+    if ep.credential:
+        sources = credential_sources(cfg)
+        if ep.credential not in sources:
+            known = ", ".join(sorted(sources)) or "none"
+            raise invalid(f"{where}.credential", f"{quote(ep.credential)} is not one of the server's "
+                                                 f"endpoint_credentials (known names: {known})")
+        bound = sources[ep.credential].bound
+        if bound and not host_allowed(host, port, [bound]):
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{where}.credential: {quote(ep.credential)} is bound to {bound}; it is never sent to "
+                               f"host {quote(host)} port {port}")
     return scheme, host, port
 
 
@@ -107,20 +123,29 @@ def host_allowed(host: str, port: int, allowed: list[str]) -> bool:
     return False
 
 
-def credential_sources(cfg: ServerConfig) -> dict[str, tuple[str, str]]:
-    """name -> ("env", variable) or ("file", path), from the endpoint_credentials setting."""
+@dataclass(frozen=True)
+class CredentialSource:
+    kind: str    # "env" or "file"
+    where: str   # the variable or the path
+    bound: str   # "host[:port]" it may be sent to, "" = any allowed endpoint
+
+
+def credential_sources(cfg: ServerConfig) -> dict[str, CredentialSource]:
+    """name -> where the secret is, from the endpoint_credentials setting."""
     out = {}
     for item in cfg.endpoint_credentials:
         match = CREDENTIAL.match(item)
         if match:
-            out[match.group(1)] = (match.group(2), match.group(3))
+            name, host, port, kind, where = match.groups()
+            out[name] = CredentialSource(kind, where, (host or "") + (port or ""))
     return out
 
 
 def read_credential(name: str, cfg: ServerConfig) -> str:
     """The secret of credential `name`, read now (so a rotated secret is used at once). An
     error names the credential and its source, never the secret."""
-    kind, where = credential_sources(cfg)[name]
+    source = credential_sources(cfg)[name]
+    kind, where = source.kind, source.where
     if kind == "env":
         secret = os.environ.get(where, "").strip()
         if not secret:
@@ -150,7 +175,16 @@ def target(spec: res.ModelSpec, cfg: ServerConfig) -> oip.EndpointTarget:
         output_name=ep.output_name, max_batch_size=ep.max_batch_size or DEFAULT_BATCH,
         timeout_s=ep.timeout_seconds or DEFAULT_TIMEOUT_S,
         retries=ep.retries if ep.HasField("retries") else DEFAULT_RETRIES,
-        backoff_s=ep.backoff_seconds or DEFAULT_BACKOFF_S, max_qps=ep.max_qps, headers=headers)
+        backoff_s=ep.backoff_seconds or DEFAULT_BACKOFF_S, max_qps=ep.max_qps, headers=headers,
+        ca_file=cfg.endpoint_ca_file or "")
+
+
+def registration_target(spec: res.ModelSpec, cfg: ServerConfig) -> oip.EndpointTarget:
+    """target() for the checks of RegisterEndpoint, a unary call: shorter waits, one retry at
+    most, no pacing (four requests in all)."""
+    t = target(spec, cfg)
+    return dataclasses.replace(t, timeout_s=min(t.timeout_s, REGISTER_TIMEOUT_S),
+                               retries=min(t.retries, REGISTER_RETRIES), max_qps=0.0)
 
 
 def endpoint_error(exc: "oip.EndpointError", model_id: str = "") -> ServiceError:
@@ -170,12 +204,28 @@ def model_id(spec: res.ModelSpec) -> str:
     return "m-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def _identity(spec: res.ModelSpec, server: dict, meta: dict) -> tuple[str, str]:
+    """The endpoint's identity as canonical JSON (url, model, version, tensors, what the server
+    and the model say of themselves) and its sha256."""
+    ep = spec.endpoint
+    identity = {"url": ep.url, "model_name": ep.model_name, "model_version": ep.model_version,
+                "input_name": ep.input_name, "output_name": ep.output_name, "server": server, "model": meta}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    if len(text) > MAX_METADATA_JSON:
+        raise precondition(f"the endpoint's metadata is {len(text)} bytes of JSON; at most {MAX_METADATA_JSON} are kept")
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flat_input(meta: dict, input_name: str) -> bool:
+    """The endpoint takes its input flattened ([-1, C*H*W]; check_metadata accepts that)."""
+    return any(t.get("name") == input_name and len(t.get("shape", ())) == 2 for t in meta.get("inputs", ()))
+
+
 def describe(spec: res.ModelSpec, cfg: ServerConfig, field: str = "spec") -> tuple[res.ModelSpec, str, str]:
     """Ask the endpoint what it serves and check it against the declaration: the spec with the
-    input and output names resolved, the identity (url, model, version, server and model
-    metadata) as canonical JSON, and its sha256. One inference request (a batch of one) checks
-    that the answer is [1, num_classes] finite logits."""
-    client = oip.OipClient(target(spec, cfg))
+    input and output names resolved, the identity (see _identity) and its sha256. One inference
+    request (a batch of one) checks that the answer is [1, num_classes] finite logits."""
+    client = oip.OipClient(registration_target(spec, cfg))
     try:
         server, meta = client.server_metadata(), client.metadata()
         try:
@@ -187,10 +237,11 @@ def describe(spec: res.ModelSpec, cfg: ServerConfig, field: str = "spec") -> tup
         resolved = res.ModelSpec()
         resolved.CopyFrom(spec)
         resolved.endpoint.input_name, resolved.endpoint.output_name = input_name, output_name
-        probe = oip.OipClient(target(resolved, cfg))
+        probe = oip.OipClient(registration_target(resolved, cfg))
         try:
-            out = probe.infer(np.zeros([1, *layout_shape(tuple(spec.input_shape), spec.layout or "NCHW")],
-                                       dtype=np.float32))
+            shape = layout_shape(tuple(spec.input_shape), spec.layout or "NCHW")
+            x = np.zeros([1, int(np.prod(shape))] if _flat_input(meta, input_name) else [1, *shape], np.float32)
+            out = probe.infer(x)
         finally:
             probe.close()
         if out.shape != (1, spec.num_classes):
@@ -200,29 +251,62 @@ def describe(spec: res.ModelSpec, cfg: ServerConfig, field: str = "spec") -> tup
         raise endpoint_error(exc) from None
     finally:
         client.close()
-    ep = resolved.endpoint
-    identity = {"url": ep.url, "model_name": ep.model_name, "model_version": ep.model_version,
-                "input_name": input_name, "output_name": output_name, "server": server, "model": meta}
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    if len(text) > MAX_METADATA_JSON:
-        raise invalid(f"{field}.endpoint", f"the endpoint's metadata is {len(text)} bytes of JSON; at most "
-                                           f"{MAX_METADATA_JSON} are kept")
-    return resolved, text, hashlib.sha256(text.encode()).hexdigest()
+    text, sha = _identity(resolved, server, meta)
+    return resolved, text, sha
+
+
+def current_identity(record: res.Model, cfg: ServerConfig) -> tuple[str, str]:
+    """What the endpoint says of itself now (an audit records it: the model behind a url may have
+    changed since it was registered), as (identity JSON, sha256); metadata requests only."""
+    client = oip.OipClient(registration_target(record.spec, cfg))
+    try:
+        return _identity(record.spec, client.server_metadata(), client.metadata())
+    except oip.EndpointError as exc:
+        raise endpoint_error(exc, record.id) from None
+    finally:
+        client.close()
+
+
+_PACERS: dict[tuple[str, float], "oip.Pacer"] = {}
+_PACERS_LOCK = threading.Lock()
+
+
+def pacer(model_id: str, max_qps: float) -> "oip.Pacer":
+    """One request pacer per endpoint model in this process: operations querying the same
+    endpoint at once share its max_qps."""
+    with _PACERS_LOCK:
+        key = (model_id, float(max_qps))
+        if key not in _PACERS:
+            _PACERS[key] = oip.Pacer(max_qps)
+        return _PACERS[key]
 
 
 class EndpointQueries:
-    """The predict function of one operation's BlackBoxNet: the endpoint's client, its failures
-    as precise statuses, and what it sent (usage)."""
+    """The predict function of one operation's BlackBoxNet: the endpoint's client (pacing shared
+    with every other operation on the endpoint), its failures as precise statuses, answers of the
+    registered class count only, and what it sent (usage)."""
 
     def __init__(self, record: res.Model, cfg: ServerConfig) -> None:
         self.model_id = record.id
-        self.client = oip.OipClient(target(record.spec, cfg))
+        self.num_classes = int(record.spec.num_classes)
+        t = dataclasses.replace(target(record.spec, cfg), num_classes=self.num_classes)
+        self.client = oip.OipClient(t, pacer=pacer(record.id, t.max_qps))
+        try:
+            meta = json.loads(record.endpoint_metadata_json or "{}").get("model", {})
+        except ValueError:
+            meta = {}
+        self.flat = _flat_input(meta, record.spec.endpoint.input_name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         try:
-            return self.client.infer(x)
+            out = self.client.infer(x.reshape(len(x), -1) if self.flat else x)
         except oip.EndpointError as exc:
             raise endpoint_error(exc, self.model_id) from None
+        if out.shape != (len(x), self.num_classes):
+            raise precondition(f"model {self.model_id!r}: endpoint answered logits of shape {list(out.shape)} for "
+                               f"{len(x)} examples; it was registered with {self.num_classes} classes (register it "
+                               "again if the deployed model changed)")
+        return out
 
     def usage(self) -> results.EndpointUsage:
         u = self.client.usage()

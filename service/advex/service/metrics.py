@@ -54,8 +54,18 @@ class Metrics:
         with self._series_lock:
             self._series[model_id].add((gauge, labels))
 
+    def _drop(self, model_id: str, which) -> None:
+        """Remove the series of a model for which which(gauge, labels) is true."""
+        with self._series_lock:
+            stale = {(g, labels) for g, labels in self._series[model_id] if which(g, labels)}
+            self._series[model_id] -= stale
+        for gauge, labels in stale:
+            gauge.remove(*labels)
+
     def record_accuracy(self, model_id: str, dataset_id: str, clean: float, robust, when: float) -> None:
-        """robust: (norm, eps, accuracy) of each worst case."""
+        """robust: (norm, eps, accuracy) of each worst case. The series of the previous
+        measurement on this dataset go first (its eps may have been others)."""
+        self._drop(model_id, lambda g, labels: g is self.robust_accuracy and labels[1] == dataset_id)
         self._set(model_id, self.clean_accuracy, (model_id, dataset_id), clean)
         for norm, eps, acc in robust:
             self._set(model_id, self.robust_accuracy, (model_id, dataset_id, norm, f"{eps:g}"), acc)
@@ -65,12 +75,7 @@ class Metrics:
                      passed: bool, when: float) -> None:
         """A target's audit; robust: (norm, eps, accuracy) of each worst case. The series of the
         target's previous audit under this name go first (its eps may have been others)."""
-        with self._series_lock:
-            stale = {(g, labels) for g, labels in self._series[model_id]
-                     if g in (self.audit_robust, self.audit_clean) and labels[1] == audit}
-            self._series[model_id] -= stale
-        for gauge, labels in stale:
-            gauge.remove(*labels)
+        self._drop(model_id, lambda g, labels: g in (self.audit_robust, self.audit_clean) and labels[1] == audit)
         self._set(model_id, self.audit_clean, (model_id, audit, dataset_id), clean)
         for norm, eps, acc in robust:
             self._set(model_id, self.audit_robust, (model_id, audit, dataset_id, norm, f"{eps:g}", suite), acc)

@@ -21,6 +21,20 @@ What is counted (`Usage`), exactly:
 * `metadata_requests`: server/model metadata requests sent (every attempt); these are not part
   of `requests` and their failures are not part of `failures`.
 
+Deadline: each attempt has one overall deadline of timeout_s. gRPC passes it to the call;
+REST covers connecting (TLS included), sending, the status line, the headers and the body with
+it: a watchdog timer shuts the attempt's socket down when the deadline passes (an endpoint that
+trickles its answer byte by byte cannot stall the client), and the attempt fails as "deadline".
+
+Response size: a REST answer is refused ("protocol") once it exceeds
+rows * classes * 48 bytes + a margin (gRPC: the channel's receive limit, at least 4 MiB), where
+classes is the target's declared num_classes, else the class count learnt from the model's
+metadata or an earlier answer, else 10,000. With num_classes declared, an answer whose output has
+another class count is refused before its data are decoded.
+
+Pacing: request starts are spaced 1/max_qps apart by a `Pacer`; several clients of one endpoint
+(one per operation) share one Pacer so that together they keep to the rate.
+
 Retry policy: connection errors, timeouts, HTTP 429/502/503/504 and gRPC UNAVAILABLE,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED and UNKNOWN (MLServer reports its 503s as UNKNOWN) are
 retried `retries` times after waiting backoff_s * 2**k (at most 10 s). Anything else fails at
@@ -28,14 +42,23 @@ once: a 4xx or INVALID_ARGUMENT / FAILED_PRECONDITION / UNIMPLEMENTED ("invalid"
 NOT_FOUND ("not_found"), 500 / INTERNAL ("internal": a deterministic bug would only be
 repeated), and malformed answers ("protocol"). Redirects are never followed.
 
-Header values (credentials) are never logged or put in error messages.
+Header values (credentials) are never logged or put in error messages: text that the endpoint
+sent (an error body, gRPC details, names from its metadata) is quoted in EndpointError messages
+only after every header value of the target has been replaced by "[redacted]" (of "Bearer X" /
+"Basic X", X and Basic's decoded user:password: "Bearer [redacted]"), a value cut short by
+clipping included. Values shorter than 4 characters are left alone (they would garble messages
+and hide nothing).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
 import math
+import re
 import select
+import socket
 import ssl
 import threading
 import time
@@ -53,9 +76,11 @@ MAX_BACKOFF_S = 10.0
 MAX_CLASSES_BOUND = 10_000                      # bounds a response before the class count is known
 METADATA_BYTES_LIMIT = 1024 * 1024
 MESSAGE_CLIP = 300
+DECLARED_RESPONSE_MARGIN = 64 * 1024            # room for a REST answer's non-data fields, num_classes known
+REDACTED = "[redacted]"
+MIN_REDACTED_CHARS = 4                          # shorter header values are not looked for in messages
 
 KINDS = ("unavailable", "deadline", "invalid", "not_found", "protocol", "internal")
-FLOAT_TYPES = ("FP16", "BF16", "FP32", "FP64")
 _RAW_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
                "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
 _TYPED_FIELDS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT8": "int_contents",
@@ -77,9 +102,10 @@ class EndpointTarget:
     timeout_s: float = 30.0   # per request
     retries: int = 3          # extra attempts after a retriable failure
     backoff_s: float = 0.25   # wait before retry k (k = 0, 1, ...): backoff_s * 2**k, at most 10 s
-    max_qps: float = 0.0      # request starts per second at most (0: no limit), per client
+    max_qps: float = 0.0      # request starts per second at most (0: no limit), per Pacer (see OipClient)
     headers: tuple[tuple[str, str], ...] = ()   # sent on every REST and gRPC call
     ca_file: str = ""         # CA bundle for https/grpcs (else the system's)
+    num_classes: int = 0      # the class count the model was registered with (0: unknown); bounds answers
 
 
 def parse_url(url: str) -> tuple[str, str, int]:
@@ -138,7 +164,8 @@ def parse_url(url: str) -> tuple[str, str, int]:
             raise ValueError(f"endpoint URL {url!r} needs a port: {scheme}://host:port")
         port = DEFAULT_PORTS[scheme]
     else:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("٠٨٠" -> 80)
+        if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"endpoint URL {url!r} has an invalid port {port_text!r} (1..65535)")
         port = int(port_text)
     return scheme, host.lower(), port
@@ -179,15 +206,64 @@ def _clip(text: Any, n: int = MESSAGE_CLIP) -> str:
     return s if len(s) <= n else s[:n - 3] + "..."
 
 
+def _secrets(headers: tuple[tuple[str, str], ...]) -> list[str]:
+    """The strings to redact from endpoint-provided text: every header value, but of
+    "Bearer X" / "Basic X" only X (so an echo reads "Bearer [redacted]") and Basic's decoded
+    "user:password" and password; whitespace collapsed as _clip does; longest first, none
+    shorter than MIN_REDACTED_CHARS."""
+    found: set[str] = set()
+    for _, value in headers:
+        variants = [value]
+        parts = value.split()
+        if len(parts) == 2 and parts[0].lower() in ("bearer", "basic"):
+            variants = [parts[1]]
+            if parts[0].lower() == "basic":
+                try:
+                    plain = base64.b64decode(parts[1], validate=True).decode("utf-8")
+                    variants += [plain, plain.partition(":")[2]]
+                except (binascii.Error, ValueError):
+                    pass
+        found.update(" ".join(v.split()) for v in variants)
+    return sorted((v for v in found if len(v) >= MIN_REDACTED_CHARS), key=len, reverse=True)
+
+
+def _clip_redacted(text: Any, secrets: list[str], n: int = MESSAGE_CLIP) -> str:
+    """_clip(text, n), every secret in text (any case) first replaced by REDACTED.
+
+    A secret that an earlier clip (of a fragment, or of the text given) cut short shows only its
+    beginning, followed by "..." or by the end of the text: such a beginning, at least
+    MIN_REDACTED_CHARS long and starting within the n characters kept, is redacted too."""
+    s = " ".join(str(text).split())
+    if not secrets:
+        return _clip(s, n)
+    s = re.sub("|".join(re.escape(x) for x in secrets), REDACTED, s, flags=re.IGNORECASE)
+    lowered = [x.lower() for x in secrets]
+    firsts = {x[0] for x in lowered}
+    longest = len(lowered[0])
+    cuts = [m.start() for m in re.finditer(r"\.\.\.", s[:n + longest])] + [len(s)]
+    floor = len(s) + 1            # cuts at or after an earlier replacement are stale: skip them
+    for end in reversed(cuts):
+        if end >= floor or end > n + longest:
+            continue
+        start = next((j for j in range(max(0, end - longest), min(end - MIN_REDACTED_CHARS, n) + 1)
+                      if s[j].lower() in firsts and any(x.startswith(s[j:end].lower()) for x in lowered)), None)
+        if start is not None:
+            s = s[:start] + REDACTED + s[end:]
+            floor = start
+    return _clip(s, n)
+
+
 def _http_failure(status: int, reason: str, body: bytes, location: str | None) -> _Failure:
+    """The failure an HTTP status stands for. The endpoint's text is kept whole (up to the 4 KiB
+    given): OipClient._message redacts it, then clips it."""
     text = body.decode("utf-8", "replace")
     try:
         obj = json.loads(text)
         if isinstance(obj, dict) and ("error" in obj or "detail" in obj):
             text = str(obj.get("error", obj.get("detail")))
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
-    detail = f"HTTP {status} {reason}: {_clip(text)}" if text.strip() else f"HTTP {status} {reason}"
+    detail = f"HTTP {status} {reason}: {text}" if text.strip() else f"HTTP {status} {reason}"
     if 300 <= status < 400:
         return _Failure("protocol", f"HTTP {status} {reason}: redirect to {_clip(location or '(no Location)')} "
                                     "not followed", False)
@@ -208,7 +284,7 @@ def _grpc_failure(err) -> _Failure:
     code = err.code() if callable(getattr(err, "code", None)) else None
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     name = code.name if code is not None else "UNKNOWN"
-    detail = f"gRPC {name}: {_clip(details or '')}"
+    detail = f"gRPC {name}: {details or ''}"   # redacted, then clipped, by OipClient._message
     c = grpc.StatusCode
     if code == c.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
         if (details or "").startswith("Received"):    # this client refused the endpoint's answer
@@ -259,9 +335,10 @@ def check_metadata(meta: dict, input_shape: tuple[int, ...], layout: str, num_cl
     expects back; returns the resolved (input_name, output_name) ("" = the single one).
 
     input_shape is one example's shape as [C, H, W] (or any shape); layout "NCHW" sends it as
-    is, "NHWC" sends [H, W, C] (3-D shapes only). The input must be a float type and its shape
-    (batch dimension excluded, -1 = any size) must match, or be exactly [-1, prod(shape)]
-    (flattened). The output must be [batch, k] with k == num_classes (or -1)."""
+    is, "NHWC" sends [H, W, C] (3-D shapes only). The input must be FP32 (what the client sends)
+    and its shape (batch dimension excluded, -1 = any size) must match, or be exactly
+    [-1, prod(shape)] (flattened: see input_is_flat). The output must be [batch, k] with
+    k == num_classes (or -1)."""
     name = meta.get("name", "?")
     layout = layout.upper()
     shape = [int(d) for d in input_shape]
@@ -287,9 +364,8 @@ def check_metadata(meta: dict, input_shape: tuple[int, ...], layout: str, num_cl
 
     inp = pick("input", list(meta.get("inputs", [])), input_name)
     out = pick("output", list(meta.get("outputs", [])), output_name)
-    if inp["datatype"] not in FLOAT_TYPES:
-        raise ValueError(f"input {inp['name']!r} of model {name!r} has datatype {inp['datatype']}; "
-                         f"a float type ({', '.join(FLOAT_TYPES)}) is needed")
+    if inp["datatype"] != "FP32":   # a strict server refuses FP32 data for an FP16/BF16/FP64 input
+        raise ValueError(f"input {inp['name']!r} is {inp['datatype']}; advex sends FP32 (model {name!r})")
     declared = list(inp["shape"])
     flat = [math.prod(shape)]
     body = declared[1:]
@@ -305,12 +381,129 @@ def check_metadata(meta: dict, input_shape: tuple[int, ...], layout: str, num_cl
     return inp["name"], out["name"]
 
 
+def input_is_flat(meta: dict, input_name: str) -> bool:
+    """Whether the model's input named input_name ("" = its single input) takes flattened
+    examples: its declared shape has exactly 2 dimensions, [batch, D]. For a model that
+    check_metadata accepted, the caller then sends x.reshape(n, -1)."""
+    inputs = list(meta.get("inputs", []))
+    if input_name:
+        found = [t for t in inputs if t["name"] == input_name]
+    else:
+        found = inputs if len(inputs) == 1 else []
+    if not found:
+        raise ValueError(f"model {meta.get('name', '?')!r} has no input named {input_name!r}" if input_name else
+                         f"model {meta.get('name', '?')!r} has {len(inputs)} inputs; name the input to use")
+    return len(found[0]["shape"]) == 2
+
+
+class _Watchdog:
+    """One REST attempt's overall deadline. The attempt's sockets are registered with watch() (new
+    ones through create_connection, which http.client calls to connect); when the deadline passes,
+    a timer thread shuts them down, so that a blocked connect, TLS handshake, send or read returns
+    at once, and `expired` becomes true. cancel() stops the timer and returns whether the deadline
+    had passed; after it the timer can no longer fire."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []   # duplicates: shutting one down ends the connection
+        self._expired = False
+        self._done = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shuts sock (plain or TLS) down when the deadline passes (at once if it has passed)."""
+        try:   # a duplicate of the descriptor stays valid (and harmless) even once sock is closed
+            dup = socket.fromfd(sock.fileno(), sock.family, sock.type, sock.proto)
+        except (OSError, ValueError):
+            return
+        with self._lock:
+            if not self._done and not self._expired:
+                self._socks.append(dup)
+                return
+            if self._expired:
+                _shutdown(dup)
+        dup.close()
+
+    def create_connection(self, address, timeout=None, source_address=None, *args, **kwargs) -> socket.socket:
+        """socket.create_connection, the connect given the time left at most; the socket is watched."""
+        left = max(self.deadline - time.monotonic(), 1e-3)
+        if timeout is None or not isinstance(timeout, (int, float)) or timeout > left:
+            timeout = left
+        sock = socket.create_connection(address, timeout, source_address, *args, **kwargs)
+        self.watch(sock)
+        return sock
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._expired = True
+            for s in self._socks:
+                _shutdown(s)
+
+    def cancel(self) -> bool:
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            socks, self._socks = self._socks, []
+        for s in socks:
+            s.close()
+        return self._expired
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Pacer:
+    """Spaces request starts at least 1/max_qps seconds apart (max_qps 0: no limit), whichever
+    thread or client starts them: the clients of one endpoint model share one Pacer so that
+    together they keep to its rate. Thread-safe."""
+
+    def __init__(self, max_qps: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not (max_qps >= 0 and math.isfinite(max_qps)):
+            raise ValueError(f"max_qps must be a finite number >= 0, got {max_qps}")
+        self.max_qps = float(max_qps)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_start: float | None = None
+
+    def wait(self) -> None:
+        """Returns when the next request may start: takes the next free start time (now, or
+        1/max_qps after the previous start) and sleeps until then."""
+        if self.max_qps <= 0:
+            return
+        interval = 1.0 / self.max_qps
+        with self._lock:
+            now = self._clock()
+            start = now if self._next_start is None else max(now, self._next_start)
+            self._next_start = start + interval
+        if start > now:
+            self._sleep(start - now)
+
+
 class OipClient:
     """One endpoint's client (thread-safe). `infer` splits a batch into requests of at most
-    max_batch_size rows, keeps their order, retries each request, and returns float32 logits."""
+    max_batch_size rows, keeps their order, retries each request, and returns float32 logits.
+
+    `pacer` paces its request starts (metadata requests included); None gives the client its
+    own Pacer(target.max_qps). Pass one Pacer to all the clients of one endpoint model to limit
+    their rate together (target.max_qps is then not used)."""
 
     def __init__(self, target: EndpointTarget, *, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pacer: Pacer | None = None) -> None:
         self.target = target
         self.scheme, self.host, self.port = parse_url(target.url)
         if not target.model_name:
@@ -319,8 +512,8 @@ class OipClient:
             raise ValueError(f"max_batch_size must be >= 1, got {target.max_batch_size}")
         if not target.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {target.timeout_s}")
-        if target.retries < 0 or target.backoff_s < 0 or target.max_qps < 0:
-            raise ValueError("retries, backoff_s and max_qps must be >= 0")
+        if target.retries < 0 or target.backoff_s < 0 or target.max_qps < 0 or target.num_classes < 0:
+            raise ValueError("retries, backoff_s, max_qps and num_classes must be >= 0")
         for k, v in target.headers:
             if not k or any(c in k for c in " :\r\n\t") or "\r" in v or "\n" in v:
                 raise ValueError(f"invalid header name or value for header {k!r}")
@@ -328,14 +521,14 @@ class OipClient:
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()       # counters, pool, channel, cached names
-        self._qps_lock = threading.Lock()
-        self._next_start: float | None = None
+        self._pacer = pacer if pacer is not None else Pacer(target.max_qps, clock=clock, sleep=sleep)
+        self._secrets = _secrets(target.headers)
         self._counts = {"requests": 0, "rows": 0, "retries": 0, "failures": 0, "metadata_requests": 0}
         self._pool: list[http.client.HTTPConnection] = []
         self._channel = None
         self._stub = None
         self._input_name = target.input_name
-        self._classes = 0
+        self._classes = target.num_classes
         self._closed = False
         self._where = f"{target.url} model {target.model_name!r}" + (
             f" version {target.model_version!r}" if target.model_version else "")
@@ -444,17 +637,6 @@ class OipClient:
         self.close()
 
     # ------------------------------------------------------------ retries, pacing, counting
-    def _throttle(self) -> None:
-        if self.target.max_qps <= 0:
-            return
-        interval = 1.0 / self.target.max_qps
-        with self._qps_lock:
-            now = self._clock()
-            start = now if self._next_start is None else max(now, self._next_start)
-            self._next_start = start + interval
-        if start > now:
-            self._sleep(start - now)
-
     def _count(self, **inc: int) -> None:
         with self._lock:
             for k, v in inc.items():
@@ -471,7 +653,7 @@ class OipClient:
                 raise EndpointError("unavailable", f"{self._where}: the client is closed", k)
             if k > 0:
                 self._sleep(min(t.backoff_s * 2 ** (k - 1), MAX_BACKOFF_S))
-            self._throttle()
+            self._pacer.wait()
             if infer:
                 self._count(requests=1, rows=rows, retries=int(k > 0))
             else:
@@ -490,20 +672,22 @@ class OipClient:
         raise EndpointError(kind, self._message(what, where, kind, attempts, last.detail), attempts)
 
     def _message(self, what: str, where: str, kind: str, attempts: int, detail: str) -> str:
+        """The one line of an EndpointError; detail (the endpoint's text) is redacted, then clipped."""
         happened = {"unavailable": "endpoint unavailable", "deadline": f"timed out ({self.target.timeout_s:g} s)",
                     "invalid": "request refused", "not_found": "model or version not found",
                     "protocol": "malformed response", "internal": "endpoint internal error"}[kind]
         at = f" {where}" if where else ""
         return (f"{self._where}: {what}{at} failed: {happened} after {attempts} "
-                f"attempt{'s' if attempts != 1 else ''}: {_clip(detail)}")
+                f"attempt{'s' if attempts != 1 else ''}: {_clip_redacted(detail, self._secrets)}")
 
     def _resolve_input(self) -> str:
         if self._input_name:
             return self._input_name
         inputs = self.metadata()["inputs"]
         if len(inputs) != 1:
-            raise EndpointError("invalid", f"{self._where}: the model lists {len(inputs)} inputs "
-                                           f"{[i['name'] for i in inputs]}; set input_name", 0)
+            names = _clip_redacted([i["name"] for i in inputs], self._secrets)
+            raise EndpointError("invalid", f"{self._where}: the model lists {len(inputs)} inputs {names}; "
+                                           "set input_name", 0)
         with self._lock:
             self._input_name = inputs[0]["name"]
         return self._input_name
@@ -516,6 +700,19 @@ class OipClient:
 
     def _response_classes_bound(self) -> int:
         return self._classes or MAX_CLASSES_BOUND
+
+    def _rest_response_limit(self, rows: int) -> int:
+        """The bytes a REST inference answer of `rows` rows may take (48 per JSON number)."""
+        if self.target.num_classes > 0:
+            return rows * self.target.num_classes * 48 + DECLARED_RESPONSE_MARGIN
+        return rows * self._response_classes_bound() * 48 + 1024 * 1024
+
+    def _check_classes(self, name: str, shape: list[int]) -> None:
+        """Refuses an output [n, k] whose k is not the declared num_classes (before decoding it)."""
+        declared = self.target.num_classes
+        if declared > 0 and shape[1] != declared:
+            raise _Failure("protocol", f"output {name!r} answered {shape[1]} classes, the model was registered "
+                                       f"with {declared}", False)
 
     # ------------------------------------------------------------ one inference request
     def _infer_once(self, x: np.ndarray, input_name: str) -> np.ndarray:
@@ -534,7 +731,7 @@ class OipClient:
                             "data": x.ravel().tolist()}]}
         if t.output_name:
             body["outputs"] = [{"name": t.output_name}]
-        limit = n * self._response_classes_bound() * 48 + 1024 * 1024
+        limit = self._rest_response_limit(n)
         obj = self._rest_json("POST", self._model_path("/infer"), json.dumps(body).encode(), limit)
         return self._decode_rest_output(obj, n)
 
@@ -563,6 +760,7 @@ class OipClient:
         shape = _shape_list(o.get("shape"), f"shape of output {o.get('name')!r}")
         if len(shape) != 2 or shape[0] != n or shape[1] < 1:
             raise _Failure("protocol", f"output {o.get('name')!r} has shape {shape}; expected [{n}, k] logits", False)
+        self._check_classes(str(o.get("name")), shape)
         flat: list = []
         stack = [o.get("data")]
         while stack:                      # flatten nested lists, refusing anything but numbers
@@ -589,6 +787,7 @@ class OipClient:
         shape = list(o.shape)
         if len(shape) != 2 or shape[0] != n or shape[1] < 1:
             raise _Failure("protocol", f"output {o.name!r} has shape {shape}; expected [{n}, k] logits", False)
+        self._check_classes(o.name, shape)
         size = shape[0] * shape[1]
         if len(r.raw_output_contents):
             if len(r.raw_output_contents) != len(outputs):
@@ -655,35 +854,42 @@ class OipClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         headers.update(dict(t.headers))
-        deadline = time.monotonic() + t.timeout_s
+        # One deadline for the whole attempt: the watchdog shuts the socket down when it passes
+        # (per-operation socket timeouts alone let an endpoint trickle its answer for ever).
+        dog = _Watchdog(t.timeout_s)
         conn, reused = self._take_conn()
+        conn._create_connection = dog.create_connection   # (re)connects of this attempt are watched
         ok = False
         try:
             if conn.sock is not None:
                 conn.sock.settimeout(t.timeout_s)
+                dog.watch(conn.sock)
             try:
                 conn.request(method, path, body=body, headers=headers)
             except _STALE_SEND_ERRORS:
-                if not reused:
+                if not reused or dog.expired:
                     raise
                 conn.close()    # the server closed the idle connection: resend once, uncounted (see module doc)
                 conn.request(method, path, body=body, headers=headers)
             sock = conn.sock
             resp = conn.getresponse()
-            data = self._read_bounded(resp, sock, deadline, limit)
+            data = self._read_bounded(resp, sock, dog.deadline, limit)
+            if dog.cancel():    # the socket was shut down while reading: the answer may be cut short
+                raise TimeoutError("the deadline passed")
             if resp.status != 200:
                 raise _http_failure(resp.status, resp.reason, data[:4096], resp.getheader("Location"))
             ok = True
         except _Failure:
             raise
-        except TimeoutError as e:
-            why = _clip(e) or "timed out"
-            raise _Failure("deadline", f"no answer within {t.timeout_s:g} s ({why})", True) from None
-        except ssl.SSLError as e:
-            raise _Failure("unavailable", f"TLS error: {_clip(e)}", True) from None
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, http.client.HTTPException) as e:   # TimeoutError and ssl.SSLError included
+            if dog.cancel() or isinstance(e, TimeoutError):
+                why = "the deadline passed" if dog.expired else (_clip(e) or "timed out")
+                raise _Failure("deadline", f"no complete answer within {t.timeout_s:g} s ({why})", True) from None
+            if isinstance(e, ssl.SSLError):
+                raise _Failure("unavailable", f"TLS error: {_clip(e)}", True) from None
             raise _Failure("unavailable", f"connection failed: {type(e).__name__}: {_clip(e)}", True) from None
         finally:
+            dog.cancel()
             if ok:
                 self._give_back(conn)
             else:
@@ -698,7 +904,7 @@ class OipClient:
     @staticmethod
     def _read_bounded(resp: http.client.HTTPResponse, sock, deadline: float, limit: int) -> bytes:
         length = resp.getheader("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > limit:
+        if length is not None and re.fullmatch(r"[0-9]+", length.strip()) and int(length) > limit:
             raise _Failure("protocol", f"response of {int(length)} bytes exceeds the limit of {limit} bytes", False)
         parts: list[bytes] = []
         total = 0
@@ -735,7 +941,8 @@ class OipClient:
             host = f"[{self.host}]" if ":" in self.host else self.host
             row_bound = self._rows_per_request(1)
             send = GRPC_DEFAULT_MESSAGE_BYTES
-            recv = max(GRPC_DEFAULT_MESSAGE_BYTES, row_bound * MAX_CLASSES_BOUND * 8 + 1024 * 1024)
+            classes = t.num_classes or MAX_CLASSES_BOUND
+            recv = max(GRPC_DEFAULT_MESSAGE_BYTES, row_bound * classes * 8 + 1024 * 1024)
             options = [("grpc.max_send_message_length", send), ("grpc.max_receive_message_length", recv),
                        ("grpc.enable_http_proxy", 0)]
             if self.scheme == "grpcs":

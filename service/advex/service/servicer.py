@@ -229,16 +229,17 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             _, wrapper = self.registry.load_model(model.id)
             xt = torch.tensor(x, device=self.device)  # copies the read-only wire buffer
             yt = torch.tensor(y, device=self.device)
-            return attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None, on_step=on_step)
+            done = attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None, on_step=on_step)
+            return done, endpoints.usage_of(wrapper)
 
-        out = await self.ops.run_interactive(work, cancellable=True)
+        out, usage = await self.ops.run_interactive(work, cancellable=True)
         self.metrics.images.labels("attack").inc(len(x))
         return rpc.AttackResponse(
             x_adv=to_tensor(out.x_adv.detach().cpu().numpy()), clean_pred=to_tensor(out.clean_pred.cpu().numpy()),
             adv_pred=to_tensor(out.adv_pred.cpu().numpy()), success=to_tensor(out.success.cpu().numpy()),
             perturbation_norm=to_tensor(out.distance.detach().cpu().numpy()), attack=convert.attack_spec(out.config),
             model_sha256=model.sha256,
-            queries=to_tensor(out.queries.cpu().numpy()) if out.queries is not None else None)
+            queries=to_tensor(out.queries.cpu().numpy()) if out.queries is not None else None, endpoint_usage=usage)
 
     # ------------------------------------------------------------------ Evaluate
     @_guard()
@@ -364,10 +365,16 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             except (ValueError, KeyError, TypeError):
                 log.warning("accuracy record of model %s on %s is unreadable; its gauges stay unset", model_id,
                             dataset_id)
-        models = self.registry.store.resource_ids("models")
+        models: dict = {}
         for blob in self.registry.store.latest_audits():
             record = results.AuditRecord.FromString(blob)
-            if record.model_id in models:  # a deleted target's records stay (history), its gauges do not
+            if record.model_id not in models:
+                found = self.registry.store.get_resource("models", record.model_id, res.Model)
+                models[record.model_id] = found[0] if found else None
+            model = models[record.model_id]
+            # a deleted target's records stay (history), its gauges do not; nor do those of an earlier
+            # registration of an endpoint deleted and registered again under the same id
+            if model is not None and record.create_time.ToNanoseconds() >= model.create_time.ToNanoseconds():
                 self._audit_gauges(record)
 
     def _audit_gauges(self, record: results.AuditRecord) -> None:
@@ -828,16 +835,22 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                 attacks=request.attacks, batch_size=request.batch_size, suite=request.suite), f"targets[{k}].model_id"))
         for k, plan in enumerate(plans):
             audits.check_thresholds(request, plan, f"targets[{k}]")
+        first = plans[0]  # one dataset for all: the budget covers every target's attacks together
+        convert.check_cost(self.cfg, "max_operation_cost",
+                           convert.examples_in(first.dataset, first.split, request.limit),
+                           [c for plan in plans for sw in plan.runnable for c in sw.configs()])
         resources = frozenset().union(*(p.resources for p in plans))
 
         def work(ctx: OpContext):
             out = results.AuditResult(audit_name=request.name, passed=True)
             for k, (target, plan) in enumerate(zip(request.targets, plans)):
                 step = audits.TargetProgress(ctx, k, len(plans), target.name or target.model_id)
+                model = plan.model
+                identity = (endpoints.current_identity(model, self.cfg) if model.spec.format == res.ENDPOINT
+                            else ("", model.sha256))
                 evaluation = plan.run(step)
-                baseline = self.registry.store.last_audit(target.model_id, request.name, passed_only=True)
-                record = audits.judge(request, target, plan.model, evaluation, ctx.operation_id,
-                                      results.AuditRecord.FromString(baseline) if baseline else None)
+                record = audits.judge(request, target, model, evaluation, ctx.operation_id,
+                                      audits.baseline(self.registry.store, model.id, request), identity)
                 self.registry.store.put_audit(record.id, record.create_time.ToMicroseconds() / 1e6, record.model_id,
                                               record.target_name, record.audit_name, record.passed,
                                               record.SerializeToString())

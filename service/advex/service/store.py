@@ -190,13 +190,14 @@ class Store:
                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (record_id, created, model_id, target_name, audit_name, int(passed), proto))
 
-    def last_audit(self, model_id: str, audit_name: str, *, passed_only: bool = False) -> Optional[bytes]:
-        """The newest audit record of a model under a name (the newest passing one)."""
+    def recent_audits(self, model_id: str, audit_name: str, *, passed_only: bool = False,
+                      limit: int = 1) -> list[bytes]:
+        """The newest audit records of a model under a name (passing ones only), newest first."""
         where = " AND passed = 1" if passed_only else ""
         with self._lock:
-            row = self._db.execute(f"SELECT proto FROM audits WHERE model_id = ? AND audit_name = ?{where} "
-                                   "ORDER BY created DESC, id DESC LIMIT 1", (model_id, audit_name)).fetchone()
-        return row[0] if row else None
+            return [r[0] for r in self._db.execute(
+                f"SELECT proto FROM audits WHERE model_id = ? AND audit_name = ?{where} "
+                "ORDER BY created DESC, id DESC LIMIT ?", (model_id, audit_name, limit))]
 
     def latest_audits(self) -> list[bytes]:
         """The newest record of every (model, audit name): what the audit gauges show."""
