@@ -152,6 +152,18 @@ def test_the_interval_lower_bound_is_judged_when_asked(setup):
     assert point.measured == 1.0 and point.passed and not result.passed
 
 
+def test_history_by_model_id_shows_each_audit_name(setup, tmp_path, capsys):
+    client, eps, model_id = setup["client"], setup["eps"], setup["model"].id
+    for name in ("first-name", "second-name"):
+        client.audit(name, [model_id], setup["dataset"].id, limit=4,
+                     attacks=[{"norm": "Linf", "eps": [eps], "method": "pgd", "steps": 1}]).result(progress=False)
+    assert _audit(setup, "history", model_id, "--plot", str(tmp_path / "h.png")) == 0
+    out = capsys.readouterr().out
+    for name in ("first-name", "second-name"):
+        assert f"audit {name!r} of {model_id!r}" in out
+        assert (tmp_path / f"h-{name}-{model_id}.png").stat().st_size > 1000
+
+
 def test_spec_and_run_errors_exit_2(setup, mlserver, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndataset: d\ntargets: [{model: m}]\nattacks: [{norm: L3, eps: 1}]\nthreshholds: []\n")
