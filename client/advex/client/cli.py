@@ -221,6 +221,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    """The server's gRPC health (grpc.health.v1): exit 0 SERVING, 1 not serving, 2 unreachable (for
+    container health checks and scripts)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        client = _client(args)
+    except NoServer:
+        print(f"UNREACHABLE: no advex server answered at {args.server}", file=sys.stderr)
+        return 2
+    try:
+        reply = health_pb2_grpc.HealthStub(client.channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), metadata=client.metadata, timeout=10)
+    except grpc.RpcError as exc:
+        print(f"UNREACHABLE: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_audit(args) -> int:
     """advex audit SPEC.yaml | advex audit history TARGET: exit 0 pass, 1 breach, 2 error (any
     error: a breach is only ever a judged threshold)."""
@@ -605,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-wait", dest="wait", action="store_false")
     tr.set_defaults(fn=cmd_transfer)
+
+    h = sub.add_parser("health", help="the server's gRPC health: exit 0 serving, 1 not serving, 2 unreachable")
+    h.add_argument("--service", default="", help="a service name (default: the server as a whole)")
+    h.set_defaults(fn=cmd_health)
 
     au = sub.add_parser("audit", help="audit models or inference endpoints against a spec (exit 0 pass, 1 breach, "
                                       "2 error), or show a target's history",

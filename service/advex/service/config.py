@@ -254,6 +254,20 @@ class ServerConfig:
     endpoint_max_batch: int = _setting(
         1024, minimum=1, maximum=65536, metavar="N",
         help="most examples one request to an inference endpoint may carry (EndpointSpec.max_batch_size)")
+    log_level: str = _setting(
+        "info", metavar="LEVEL", check=lambda v: None if v in ("debug", "info", "warning", "error") else
+        "one of debug, info, warning, error",
+        help="what the server logs: info = start and stop, one line per RPC and per operation event; other "
+             "libraries log warnings and errors only")
+    log_format: str = _setting(
+        "text", metavar="FORMAT", check=lambda v: None if v in ("text", "json") else "text or json",
+        help="text lines, or one JSON object per line (time, level, logger, message, request_id, method, code, "
+             "duration_ms, operation_id, kind, ...) for a log collector")
+    config: Optional[str] = _setting(
+        None, metavar="FILE", shown="none", check=_check_nonempty,
+        help="a TOML file of settings (keys are the setting names with underscores, e.g. data_dir = "
+             "\"/var/lib/advex\"); flags win over the environment, which wins over the file, which wins over the "
+             "defaults")
     torch_threads: int = _setting(
         0, minimum=0, metavar="N",
         help="CPU threads torch may use; 0 = torch's default")
@@ -371,6 +385,8 @@ def _convert(f, raw: Any, source: str) -> Any:
         if not math.isfinite(value):
             raise fail("is not a finite number", _expected(f))
     elif kind is list:
+        if not isinstance(raw, (str, list, tuple)):
+            raise fail("is not a list", "a list of strings")
         value = raw.split(meta.get("sep") or os.pathsep) if isinstance(raw, str) else list(raw)
         value = [str(p).strip() for p in value if str(p).strip()]
     elif raw is not None:
@@ -432,11 +448,51 @@ def _data_roots(sources: list[tuple[Any, str]]) -> list[str]:
     return [r for r in roots if not (r in seen or seen.add(r))]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in a TOML file, by name; ConfigError (one line) for a file that cannot be read
+    or parsed, or a key that is not a setting."""
+    import difflib
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    where = f"config file {path!r}"
+    try:
+        raw = Path(path).read_bytes()
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config: {where} is {len(raw)} bytes (expected a settings file under 1 MiB)")
+        data = tomllib.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config: {where} cannot be read ({exc.strerror or exc}; expected a readable TOML "
+                          "file)") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config: {where} is not valid TOML ({' '.join(str(exc).split())})") from None
+    names = [f.name for f in fields(ServerConfig) if f.name != "config"]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{key}: in {where} is a table (expected a value: settings are flat, no [sections])")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: in {where} is not a setting (expected one of `advex serve --help`'s, "
+                              f"with underscores{hint})")
+    return data
+
+
 def load(args: Optional[argparse.Namespace] = None, env: Optional[dict] = None) -> ServerConfig:
-    """Settings from flags (args), else the environment, else defaults; raises ConfigError."""
+    """Settings from flags (args), else the environment, else the config file (--config or
+    ADVEX_CONFIG), else defaults; raises ConfigError."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    config_path = getattr(args, "config", None) if args is not None else None
+    if config_path is None and (env.get(env_name("config")) or "").strip():
+        config_path = env[env_name("config")].strip()
+    in_file = read_config_file(config_path) if config_path else {}
     for f in fields(ServerConfig):
         flag = getattr(args, f.name, None) if args is not None else None
         raw_env = env.get(env_name(f.name))
@@ -446,6 +502,8 @@ def load(args: Optional[argparse.Namespace] = None, env: Optional[dict] = None) 
             given = [(v, f"flag {flag_name(f.name)}") for v in (flag or [])]
             if raw_env is not None:
                 given.append((raw_env, f"environment {env_name(f.name)}"))
+            if f.name in in_file:
+                given.append((in_file[f.name], f"config file {config_path!r}"))
             legacy = env.get(LEGACY_DATA_ROOT_ENV)
             if legacy and legacy.strip():
                 given.append((legacy, f"environment {LEGACY_DATA_ROOT_ENV}"))
@@ -456,6 +514,11 @@ def load(args: Optional[argparse.Namespace] = None, env: Optional[dict] = None) 
         elif raw_env is not None:
             sources[f.name] = f"environment {env_name(f.name)}"
             values[f.name] = _convert(f, raw_env, sources[f.name])
+        elif f.name in in_file:
+            sources[f.name] = f"config file {config_path!r}"
+            values[f.name] = _convert(f, in_file[f.name], sources[f.name])
+    if config_path:
+        values["config"] = config_path
     cfg = ServerConfig(**values)
     _check_together(cfg, sources)
     _read_files(cfg, sources)
@@ -470,7 +533,7 @@ def _check_together(cfg: ServerConfig, sources: dict[str, str]) -> None:
                           "and the metrics port at once (expected two different ports; --metrics-port 0 for none)")
 
 
-_OPTIONAL = ("token", "token_file", "tls_cert", "tls_key", "tls_client_ca")
+_OPTIONAL = ("token", "token_file", "tls_cert", "tls_key", "tls_client_ca", "endpoint_ca_file", "config")
 
 
 def _source(sources: dict[str, str], name: str) -> str:

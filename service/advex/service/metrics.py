@@ -1,4 +1,6 @@
-"""Prometheus metrics: requests by method and code, latency, operations by kind and state,
+"""Prometheus metrics: requests by method and code, latency (of calls that do not wait by design:
+streams and WaitOperation are left out), operations by kind and state and their duration, build
+info,
 images processed, queue depth, GPU memory, the last measured clean / robust accuracy per model,
 dataset, norm and eps with its time, and each audit's results, verdict and time (what scheduled
 audits alert on: a breach, and an audit that stopped running).
@@ -30,9 +32,15 @@ class Metrics:
                                     registry=r)
         self.robust_accuracy = Gauge("advex_robust_accuracy", "Last measured robust accuracy (suite-wide worst case)",
                                      ["model", "dataset", "norm", "eps"], registry=r)
-        self.execution_provider = Gauge("advex_model_execution_provider",
+        self.execution_provider = Gauge("advex_model_execution_provider_info",
                                         "1 for the onnxruntime execution provider that runs each ONNX model",
                                         ["model", "provider"], registry=r)
+        self.operation_duration = Histogram(
+            "advex_operation_duration_seconds", "Wall time of operations from start to end, by kind and final state",
+            ["kind", "state"], registry=r,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400))
+        self.build_info = Gauge("advex_build_info", "1, labelled with the versions this server runs",
+                                ["version", "python", "torch", "grpc", "device"], registry=r)
         self.accuracy_time = Gauge("advex_accuracy_timestamp_seconds",
                                    "When the accuracies of a model on a dataset were last measured (Unix time)",
                                    ["model", "dataset"], registry=r)
@@ -94,6 +102,19 @@ class Metrics:
 
     def record_provider(self, model_id: str, provider: str) -> None:
         self._set(model_id, self.execution_provider, (model_id, provider), 1.0)
+
+    def record_build(self, device: str) -> None:
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        def ver(dist: str) -> str:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                return "unknown"
+
+        self.build_info.labels(ver("advex-server"), platform.python_version(), ver("torch"), ver("grpcio"),
+                               device).set(1)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""

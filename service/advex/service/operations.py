@@ -152,6 +152,8 @@ class OperationManager:
     def _enqueue(self, op: Op, work: Work, resources: frozenset, resumable: bool) -> Op:
         live = LiveOp(op, resources, changed=asyncio.Event(), resumable=resumable)
         self._live[op.id] = live
+        log.info("operation %s (%s) queued", op.id, op.kind, extra={"operation_id": op.id, "kind": op.kind,
+                                                                     "state": "QUEUED"})
         self._persist(live)
         self._update_depth()
         self._futures[op.id] = self._loop.run_in_executor(self._pool, self._run, live, work)
@@ -169,6 +171,8 @@ class OperationManager:
             live.op.state = Op.RUNNING
             live.started = time.monotonic()
         self._changed(live, persist=True)
+        log.info("operation %s (%s) started", live.op.id, live.op.kind,
+                 extra={"operation_id": live.op.id, "kind": live.op.kind, "state": "RUNNING"})
         try:
             field_name, result = work(OpContext(self, live))
         except Cancelled:
@@ -199,7 +203,18 @@ class OperationManager:
                 live.op.error.message = error[1]
             if result is not None:
                 getattr(live.op, result[0]).CopyFrom(result[1])
-        self.metrics.operations.labels(live.op.kind, Op.State.Name(state)).inc()
+        name = Op.State.Name(state)
+        self.metrics.operations.labels(live.op.kind, name).inc()
+        took = time.monotonic() - live.started if live.started else 0.0
+        if live.started:
+            self.metrics.operation_duration.labels(live.op.kind, name).observe(took)
+        line = {"operation_id": live.op.id, "kind": live.op.kind, "state": name, "duration_ms": round(took * 1000)}
+        if error is not None:
+            line["code"], line["error"] = error[0].name, error[1][:300]
+            log.log(logging.WARNING if state == Op.FAILED else logging.INFO, "operation %s (%s) %s: %s: %s",
+                    live.op.id, live.op.kind, name, error[0].name, error[1][:300], extra=line)
+        else:
+            log.info("operation %s (%s) %s in %.1f s", live.op.id, live.op.kind, name, took, extra=line)
         self._changed(live, persist=True)
         if self.jobs_dir is not None:  # recorded as finished: its checkpoints have served
             shutil.rmtree(self.job_dir(live.op.id), ignore_errors=True)

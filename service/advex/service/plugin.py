@@ -9,7 +9,6 @@ entry point (never imported by the client, so the client install stays free of t
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import Optional
 
@@ -33,9 +32,10 @@ def serve(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         check_server_addresses(config_mod.bare_host(cfg.host), cfg.port, cfg.metrics_bind_host, cfg.metrics_port)  # before torch loads: answers at once
+        from advex.service import logs
         from advex.service.server import serve as run_server
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.setup(cfg.log_level, cfg.log_format)
         asyncio.run(run_server(cfg))
     except ListenError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)

@@ -172,6 +172,7 @@ async def start(cfg: ServerConfig) -> RunningServer:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         device = device_for(cfg.device)
+        metrics.record_build(str(device))
         store = Store(cfg.store_path)
         registry = Registry(store, cfg.artifacts, list(cfg.data_roots), device, max_dataset_mb=cfg.max_dataset_mb,
                             check_limits=sandbox.Limits(timeout_s=cfg.upload_check_timeout_s,

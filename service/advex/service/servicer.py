@@ -31,7 +31,7 @@ from advex.engine.models import ModelInfo, ModelWrapper
 from advex.engine.onnx_model import export_onnx
 from advex.engine.train import TrainState, load_state, save_state, train
 from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
-from advex.service import audits, convert, endpoints
+from advex.service import audits, convert, endpoints, logs
 from advex.service.artifacts import CHUNK, BuildCheckpoint, NpzShardWriter, file_sha256, npz_bytes
 from advex.service.config import ServerConfig
 from advex.service.errors import ServiceError, exhausted, invalid, precondition
@@ -46,6 +46,7 @@ from advex.v1 import robustness_pb2_grpc as rpc_grpc
 from advex.v1.wire import to_tensor
 
 log = logging.getLogger("advex.service")
+rpc_log = logging.getLogger("advex.rpc")
 
 
 SERVICE = rpc.DESCRIPTOR.services_by_name["Robustness"]
@@ -54,6 +55,7 @@ MAX_STATUS_BYTES = 1024  # status messages travel in HTTP/2 trailers: keep them 
 MAX_TRANSFER_MODELS = 16  # sources, and targets, of one TransferRate
 MAX_WAIT_S = 60.0  # longest WaitOperation; the SDK waits in rounds of 30 s
 DISTANCE_STEPS = 100  # FAB-T's steps for minimal distances (AutoAttack's standard)
+LONG_POLLS = ("WaitOperation",)  # unary calls that wait by design: left out of the latency histogram
 
 
 def _clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
@@ -102,49 +104,74 @@ def _guard(streaming: bool = False):
                 return _decoded_stream(request_type, request)
             return _decode(request_type, request)
 
-        async def fail(self, context, exc: BaseException):
+        # a call that lasts as long as what it waits for (a stream, a long poll) is not a latency
+        long_lived = desc.server_streaming or method in LONG_POLLS
+
+        def begin(context) -> tuple[float, dict]:
+            rid = logs.request_id(context.invocation_metadata())
+            try:
+                context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, rid),))
+            except Exception:  # noqa: BLE001 - a direct call's stand-in context may not take metadata
+                pass
+            return time.perf_counter(), {"request_id": rid, "method": method, "code": "OK"}
+
+        def end(self, t0: float, line: dict) -> None:
+            elapsed = time.perf_counter() - t0
+            if not long_lived:
+                self.metrics.latency.labels(method).observe(elapsed)
+            line["duration_ms"] = round(elapsed * 1000, 3)
+            rpc_log.info("%s %s %.1f ms", method, line["code"], elapsed * 1000, extra=line)
+
+        async def fail(self, context, exc: BaseException, line: dict):
             if isinstance(exc, ServiceError):
                 code, msg = exc.code, exc.message
             else:
-                log.exception("%s failed", method)
+                log.exception("%s failed", method, extra={"request_id": line["request_id"]})
                 code, msg = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            line["code"] = code.name
             self.metrics.requests.labels(method, code.name).inc()
             await context.abort(code, _clip(msg))
 
         if streaming:
             @functools.wraps(fn)
             async def stream_handler(self, request, context):
-                t0 = time.perf_counter()
+                t0, line = begin(context)
                 try:
                     self._authorize(context)
                     async for item in fn(self, decode(request), context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:
+                    line["code"] = "CANCELLED"
+                    raise
                 except Exception as exc:
-                    await fail(self, context, exc)
+                    await fail(self, context, exc, line)
                 else:
                     self.metrics.requests.labels(method, "OK").inc()
                 finally:
-                    self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+                    end(self, t0, line)
             stream_handler.guarded = True
             return stream_handler
 
         @functools.wraps(fn)
         async def handler(self, request, context):
-            t0 = time.perf_counter()
+            t0, line = begin(context)
             try:
                 self._authorize(context)
                 response = await fn(self, decode(request), context)
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                line["code"] = "CANCELLED"
+                raise
             except Exception as exc:
-                await fail(self, context, exc)
+                await fail(self, context, exc, line)
             else:
                 self.metrics.requests.labels(method, "OK").inc()
                 return response
             finally:
-                self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+                end(self, t0, line)
         handler.guarded = True
         return handler
 
