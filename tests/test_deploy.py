@@ -43,6 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S_BASE = DEPLOY / "k8s" / "base"
 K8S_GPU = DEPLOY / "k8s" / "overlays" / "gpu"
+K8S_TLS = DEPLOY / "k8s" / "components" / "tls"  # a kustomize Component: TLS on the gRPC port
+K8S_GPU_TLS = DEPLOY / "k8s" / "overlays" / "gpu-tls"  # the GPU overlay + the TLS component
+TLS_DIR = "/run/secrets/advex-tls"
+TLS_KEYS = {"tls.crt", "tls.key", "ca.crt"}
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS_RULE = K8S_BASE / "prometheusrule.yaml"
 DOCKER = DEPLOY / "docker"
@@ -145,6 +149,10 @@ def test_kustomize_renders_valid_manifests(folder):
     assert kinds.count("ConfigMap") == 2 and kinds.count("Secret") == 1, kinds
     for doc in docs:
         _validate_k8s(f"kubectl kustomize {folder.relative_to(ROOT)}", doc)
+    _check_pod_references(docs)
+
+
+def _check_pod_references(docs: list[dict]) -> None:
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     # every ConfigMap and Secret the pods use is one the render defines (generated names included)
     for doc in docs:
@@ -166,14 +174,20 @@ def _deployment(docs: list[dict]) -> dict:
     return dep
 
 
-def _check_server_pod(dep: dict) -> dict:
+def _check_server_pod(dep: dict, tls: bool = False) -> dict:
     pod = dep["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     (c,) = pod["containers"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == GRPC_PORT, probe
+        if tls:  # the kubelet's gRPC probes speak plaintext: exec `advex health` over TLS instead
+            assert "grpc" not in c[probe] and set(c[probe]) & {"exec", "httpGet", "tcpSocket"} == {"exec"}, probe
+            assert c[probe]["exec"]["command"] == [
+                "advex", "--target", f"127.0.0.1:{GRPC_PORT}", "--tls-ca", f"{TLS_DIR}/ca.crt", "health"], probe
+        else:
+            assert c[probe]["grpc"]["port"] == GRPC_PORT, probe
+            assert "exec" not in c[probe], probe
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -202,6 +216,104 @@ def test_gpu_overlay_asks_for_a_gpu():
     assert {e["name"]: e.get("value") for e in c["env"]}["ADVEX_DEVICE"] == "auto"
     assert c["image"].endswith("-gpu"), c["image"]
     assert base["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-cpu")
+
+
+def _cronjob_container(docs: list[dict]) -> dict:
+    (cj,) = [d for d in docs if d["kind"] == "CronJob"]
+    (c,) = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _pod_volumes(doc: dict) -> dict[str, dict]:
+    pod = (doc["spec"]["template"] if doc["kind"] == "Deployment"
+           else doc["spec"]["jobTemplate"]["spec"]["template"])["spec"]
+    return {v["name"]: v for v in pod["volumes"]}
+
+
+@pytest.mark.parametrize("folder", [K8S_BASE, K8S_GPU], ids=["base", "gpu"])
+def test_base_and_gpu_overlay_stay_plaintext(folder):
+    # the TLS component is opt-in: without it, no TLS Secret, env or flag, and native gRPC probes
+    docs = _kustomize(folder)
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("advex-tls")]
+    c = _check_server_pod(_deployment(docs))
+    assert not {e["name"] for e in c["env"]} & {"ADVEX_TLS_CERT", "ADVEX_TLS_KEY"}
+    assert TLS_DIR not in {m["mountPath"] for m in c["volumeMounts"]}
+    assert "--tls-ca" not in _cronjob_container(docs)["args"]
+
+
+def test_tls_component_is_a_component_with_placeholders():
+    kust = yaml.safe_load((K8S_TLS / "kustomization.yaml").read_text())
+    assert kust["apiVersion"] == "kustomize.config.k8s.io/v1alpha1" and kust["kind"] == "Component"
+    (gen,) = kust["secretGenerator"]
+    assert gen["name"] == "advex-tls" and gen["type"] == "kubernetes.io/tls"
+    assert set(gen["files"]) == TLS_KEYS
+    for patch in kust["patches"]:
+        assert (K8S_TLS / patch["path"]).is_file(), patch
+    # the PEM files are placeholders, never a real certificate or key
+    for name in TLS_KEYS:
+        text = (K8S_TLS / name).read_text()
+        assert "REPLACE-ME" in text and text.startswith("-----BEGIN "), name
+        assert not re.search(r"^[A-Za-z0-9+/=]{64}$", text, re.M), f"{name}: looks like real PEM data"
+    overlay = yaml.safe_load((K8S_GPU_TLS / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../gpu"] and overlay["components"] == ["../../components/tls"]
+
+
+def test_gpu_tls_overlay_renders_valid_manifests():
+    docs = _kustomize(K8S_GPU_TLS)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("ConfigMap") == 2 and kinds.count("Secret") == 2, kinds
+    for doc in docs:
+        _validate_k8s(f"kubectl kustomize {K8S_GPU_TLS.relative_to(ROOT)}", doc)
+    _check_pod_references(docs)
+    # everything else is the GPU overlay's: the same kinds and names, bar the TLS Secret
+    gpu = {(d["kind"], d["metadata"]["name"]) for d in _kustomize(K8S_GPU)}
+    tls = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    (extra,) = tls - gpu
+    assert extra[0] == "Secret" and extra[1].startswith("advex-tls-"), extra
+
+
+def test_gpu_tls_overlay_secret_is_kubernetes_tls():
+    docs = _kustomize(K8S_GPU_TLS)
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("advex-tls")]
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == TLS_KEYS
+
+
+def test_gpu_tls_overlay_server_serves_tls_with_exec_probes():
+    docs = _kustomize(K8S_GPU_TLS)
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("advex-tls")]
+    dep = _deployment(docs)
+    c = _check_server_pod(dep, tls=True)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["ADVEX_TLS_CERT"] == f"{TLS_DIR}/tls.crt" and env["ADVEX_TLS_KEY"] == f"{TLS_DIR}/tls.key"
+    assert "ADVEX_TLS_CLIENT_CA" not in env  # no mutual TLS: the probes present no client certificate
+    # still the GPU overlay
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and env["ADVEX_DEVICE"] == "auto"
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == TLS_DIR]
+    assert mount.get("readOnly") is True
+    assert _pod_volumes(dep)[mount["name"]]["secret"]["secretName"] == secret["metadata"]["name"]
+    # the probes keep the GPU overlay's periods and thresholds (its longer startup included)
+    gpu = _deployment(_kustomize(K8S_GPU))["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for key in ("periodSeconds", "failureThreshold"):
+            assert c[probe][key] == gpu[probe][key], (probe, key)
+        assert c[probe]["timeoutSeconds"] >= 5, probe  # exec's default 1 s is short for the CLI
+
+
+def test_gpu_tls_overlay_cronjob_verifies_the_server():
+    docs = _kustomize(K8S_GPU_TLS)
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("advex-tls")]
+    (cj,) = [d for d in docs if d["kind"] == "CronJob"]
+    c = _cronjob_container(docs)
+    args = c["args"]
+    # global flags go before the subcommand
+    assert args[:4] == ["--target", f"advex:{GRPC_PORT}", "--tls-ca", f"{TLS_DIR}/ca.crt"], args
+    assert args[4] == "audit" and args[5].endswith("/audit.yaml"), args
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == TLS_DIR]
+    assert mount.get("readOnly") is True
+    vol = _pod_volumes(cj)[mount["name"]]["secret"]
+    assert vol["secretName"] == secret["metadata"]["name"]
+    assert [i["key"] for i in vol.get("items", [])] == ["ca.crt"]  # the CA only, not the server's key
 
 
 def test_service_and_servicemonitor_match_the_deployment():
