@@ -74,8 +74,17 @@ def _radii(sweeps) -> set[tuple[str, float]]:
     return {(c.norm, c.eps) for sw in sweeps for c in sw.configs()}
 
 
-def _has(radii: set[tuple[str, float]], norm: str, eps: float) -> bool:
-    return any(n == norm and abs(e - eps) <= EPS_MATCH * max(1.0, eps) for n, e in radii)
+def _same_eps(a: float, b: float) -> bool:
+    return abs(a - b) <= EPS_MATCH * max(1.0, b)
+
+
+def _has(radii, norm: str, eps: float) -> bool:
+    return any(n == norm and _same_eps(e, eps) for n, e in radii)
+
+
+def _at(by_radius: dict, norm: str, eps: float):
+    """The value of by_radius ({(norm, eps): value}) at this norm and eps, or None."""
+    return next((v for (n, e), v in by_radius.items() if n == norm and _same_eps(e, eps)), None)
 
 
 def check_thresholds(request: rpc.AuditRequest, plan, field: str) -> None:
@@ -140,7 +149,7 @@ def judge(request: rpc.AuditRequest, target: rpc.AuditTarget, model, evaluation:
     worst = {(NORM_NAMES[wc.norm], wc.eps): wc for wc in evaluation.worst_case}
     for th in request.thresholds:
         norm = NORM_NAMES[th.norm]
-        wc = next((w for (n, e), w in worst.items() if n == norm and _has({(n, e)}, norm, th.eps)), None)
+        wc = _at(worst, norm, th.eps)
         on = "ci_lower" if th.on_ci_lower else "point"
         where = f"{norm} eps {th.eps:g}"
         if wc is None:
@@ -168,7 +177,7 @@ def judge(request: rpc.AuditRequest, target: rpc.AuditTarget, model, evaluation:
             before = {(NORM_NAMES[wc.norm], wc.eps): wc.robust_accuracy for wc in baseline.evaluation.worst_case}
             compared = 0
             for (norm, eps), wc in sorted(worst.items()):
-                base = next((v for (n, e), v in before.items() if n == norm and _has({(n, e)}, norm, eps)), None)
+                base = _at(before, norm, eps)
                 if base is None:
                     continue
                 compared += 1
