@@ -111,12 +111,18 @@ def attack(
     early_stop: bool = False,
     on_step: Optional[StepCallback] = None,
     clean_pred: Optional[torch.Tensor] = None,
+    clean: bool = True,
 ) -> AttackOutput:
     """Adversarial examples for one batch.
 
     forward: maps float32 [N, ...] inputs in the box to logits [N, C].
     y: int64 [N], true labels (untargeted) or target classes (targeted).
     clean_pred: the model's predictions on x when the caller already has them (saves a forward pass).
+    clean=False: the caller has no use for clean predictions (adversarial training): PGD and FGSM
+    spend no pass on them, and clean_pred is -1 where the loop did not see x itself.
+    Passes of PGD-K (and FGSM, K=1): K forward+backward and one forward for the last iterate; the
+    adversarial prediction comes with the best iterate, the clean one from the first pass when it
+    is at x (no random start), else from one more forward unless given or not wanted.
     on_step(step, total): called after every step of every run (PGD, FGSM's one step) and after
     every query round of Square; an exception raised in it stops the attack there (the service
     raises one when the caller has gone away, so no more than one step runs on for nobody).
@@ -157,7 +163,9 @@ def attack(
     res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,
                    random_start=cfg.random_start, restarts=cfg.restarts, generator=gen,
                    early_stop=early_stop, on_step=on_step)
-    clean_pred = predict(forward, x) if clean_pred is None else clean_pred
-    adv_pred = predict(forward, res.x)
+    if clean_pred is None:  # free when the first pass was at x; else one forward, unless not wanted
+        clean_pred = res.first_pred if res.first_pred is not None else (
+            predict(forward, x) if clean else torch.full_like(y, -1))
+    adv_pred = res.pred  # the best iterate's, kept by the loop: no pass
     success = adv_pred == y if cfg.targeted else adv_pred != y
     return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg)

@@ -69,6 +69,61 @@ class ModelWrapper(nn.Module):
         return self
 
 
+def freeze(model: ModelWrapper) -> ModelWrapper:
+    """Make an eval-mode model cheaper to attack, in place: parameter gradients off (attacks want
+    input gradients only) and every batch norm that follows a convolution folded into it (one
+    convolution instead of a convolution and a normalisation, the same function up to float
+    rounding). A frozen model is for inference and attacks, not training."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not isinstance(model.net, torch.jit.ScriptModule):  # TorchScript modules cannot be rebuilt in place
+        fold_batch_norm(model.net)
+    return model
+
+
+def fold_batch_norm(module: nn.Module) -> int:
+    """Fold eval-mode BatchNorm2d layers into the Conv2d right before them, in place: adjacent in an
+    nn.Sequential, or the (convK, bnK) pairs of torchvision's ResNet stem and blocks. Returns how
+    many were folded. Other layouts are left as they are (folding them would need the graph)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for child in list(module.children()):
+        folded += fold_batch_norm(child)
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if _foldable(conv, bn):
+                module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                module._modules[b] = nn.Identity()
+                folded += 1
+    elif _torchvision_resnet_part(module):
+        for k in (1, 2, 3):
+            conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
+            if _foldable(conv, bn):
+                setattr(module, f"conv{k}", fuse_conv_bn_eval(conv, bn))
+                setattr(module, f"bn{k}", nn.Identity())
+                folded += 1
+    return folded
+
+
+def _foldable(conv, bn) -> bool:
+    return (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training
+            and not conv.training and bn.track_running_stats and bn.running_mean is not None
+            and conv.out_channels == bn.num_features)
+
+
+def _torchvision_resnet_part(module: nn.Module) -> bool:
+    """torchvision's ResNet, BasicBlock and Bottleneck apply convK then bnK, nothing between."""
+    try:
+        from torchvision.models import resnet
+    except ImportError:  # pragma: no cover
+        return False
+    return type(module) in (resnet.ResNet, resnet.BasicBlock, resnet.Bottleneck)
+
+
 def device_for(name: Optional[str] = None) -> torch.device:
     """'auto' / None -> cuda when available, else cpu."""
     if name in (None, "", "auto"):

@@ -13,11 +13,27 @@ from advex.engine.threat import ThreatModel
 StepCallback = Callable[[int, int], None]
 
 
+#: With early stopping on a GPU, examples that reached the goal leave the batch every this many
+#: steps: a host-device synchronisation per COMPACT_EVERY steps instead of one per step. In between
+#: they are stepped but their best iterate (the first successful one) no longer changes. On the CPU
+#: there is no device to wait for, and they leave at every step.
+COMPACT_EVERY = 4
+
+
+def compaction_interval(device: torch.device) -> int:
+    """Steps between two compactions of the batch under early stopping (see COMPACT_EVERY)."""
+    return 1 if device.type == "cpu" else COMPACT_EVERY
+
+
 @dataclass
 class OptimizeResult:
     x: torch.Tensor        # best iterate per example, same shape as the input
     score: torch.Tensor    # objective score of that iterate, float [N]
     success: torch.Tensor  # bool [N]: goal reached (all False if the objective has none)
+    pred: torch.Tensor     # int64 [N]: argmax of the output at that iterate (the adversarial prediction)
+    # int64 [N]: argmax of the output at x itself when the first forward pass was at x (no random
+    # start, no x_init): the clean prediction, for free; None otherwise
+    first_pred: Optional[torch.Tensor] = None
 
 
 def optimize(
@@ -40,8 +56,11 @@ def optimize(
     x: float32 [N, ...], the clean inputs that the threat model's ball is centred on.
     Every iterate, the starting point and the final one included, is scored, and the best
     per example is kept across all (1 + restarts) runs: goal reached first, then score.
-    early_stop: drop examples from the batch once they reach the goal (they keep the
-    first successful iterate); it saves work when only success matters (robust accuracy).
+    The passes: `steps` forward+backward per run, plus one forward for the last iterate; the
+    gradient step's forward scores its iterate, and the best iterate's prediction is kept with it.
+    Nothing in a step waits for the device (no .item(), .any() or boolean-mask indexing).
+    early_stop: examples that reach the goal keep their first successful iterate and leave the
+    batch (every compaction_interval steps); it saves work when only success matters (robust accuracy).
     on_step(step, total_steps) is called after every gradient step (progress, cancellation).
     """
     if steps < 0 or restarts < 0:
@@ -53,18 +72,26 @@ def optimize(
     best_x = x.clone()
     best_score = torch.full((n,), -torch.inf, device=x.device)
     best_success = torch.zeros(n, dtype=torch.bool, device=x.device)
+    best_pred = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    first_pred: Optional[torch.Tensor] = None
     total_steps = steps * (restarts + 1)
+    rows_of = (-1,) + (1,) * (x.dim() - 1)
+    compact_every = compaction_interval(x.device)
 
-    def keep_best(cand: torch.Tensor, index: torch.Tensor, score: torch.Tensor, success: Optional[torch.Tensor]) -> None:
+    def keep_best(cand: torch.Tensor, index: torch.Tensor, out: torch.Tensor, score: torch.Tensor,
+                  succ: Optional[torch.Tensor]) -> None:
         score = score.detach()
-        succ = success if success is not None else torch.zeros_like(best_success[index])
+        if succ is None:
+            succ = torch.zeros_like(score, dtype=torch.bool)
         old_succ, old_score = best_success[index], best_score[index]
         better = (succ & ~old_succ) | ((succ == old_succ) & (score > old_score))
-        if better.any():
-            rows = index[better]
-            best_x[rows] = cand[better].detach()
-            best_score[rows] = score[better]
-            best_success[rows] = succ[better]
+        if early_stop:  # a success is final: the first successful iterate stays
+            better &= ~old_succ
+        pred = out.detach().argmax(1) if out.dim() == 2 else best_pred[index]
+        best_x.index_copy_(0, index, torch.where(better.view(rows_of), cand.detach(), best_x[index]))
+        best_score.index_copy_(0, index, torch.where(better, score, old_score))
+        best_success.index_copy_(0, index, torch.where(better, succ, old_succ))
+        best_pred.index_copy_(0, index, torch.where(better, pred, best_pred[index]))
 
     for run in range(restarts + 1):
         if x_init is not None and run == 0:
@@ -73,27 +100,34 @@ def optimize(
             cur = threat.random_init(x, generator)
         else:
             cur = x.clone()
+        at_x = run == 0 and x_init is None and not random_start
         index = torch.arange(n, device=x.device)
         for t in range(steps + 1):
-            if early_stop:
+            if early_stop and t % compact_every == 0:
                 keep = ~best_success[index]
-                if not keep.all():
+                if not bool(keep.all()):
                     index, cur = index[keep], cur[keep]
                 if index.numel() == 0:
                     break
             if t == steps:  # the last iterate is only scored
                 with torch.no_grad():
-                    keep_best(cur, index, *objective(forward(cur), index))
+                    out = forward(cur)
+                    keep_best(cur, index, out, *objective(out, index))
+                if t == 0 and at_x:
+                    first_pred = out.argmax(1) if out.dim() == 2 else None
                 break
             cur.requires_grad_(True)
             with torch.enable_grad():
-                score, success = objective(forward(cur), index)
-                keep_best(cur, index, score, success)
+                out = forward(cur)
+                score, success = objective(out, index)
+                keep_best(cur, index, out, score, success)
                 grad, = torch.autograd.grad(score.sum(), cur)
+            if t == 0 and at_x and out.dim() == 2:
+                first_pred = out.detach().argmax(1)
             with torch.no_grad():
                 cur = threat.project(threat.step(cur.detach(), grad, step_size), x[index])
             if on_step is not None:
                 on_step(run * steps + t + 1, total_steps)
         if early_stop and bool(best_success.all()):
             break
-    return OptimizeResult(best_x, best_score, best_success)
+    return OptimizeResult(best_x, best_score, best_success, best_pred, first_pred)

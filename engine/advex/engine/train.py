@@ -225,7 +225,7 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
             if cfg.adversarial is not None:
                 model.eval()
                 adv_cfg = replace(cfg.adversarial, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                x_in = attack(model.logits, x, y, adv_cfg, box=data.box).x_adv
+                x_in = attack(model.logits, x, y, adv_cfg, box=data.box, clean=False).x_adv
             else:
                 x_in = x
             model.train()

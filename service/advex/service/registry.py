@@ -26,7 +26,7 @@ from advex.engine import data as data_mod
 from advex.engine.data import ArrayDataset, DataError, TsiprasParams
 from advex.engine.loaders import (ModelLoadError, Recorded, ShapeMismatch, check_archive, check_model, load_model,
                                   read_recorded, safetensors_bytes)
-from advex.engine.models import ModelInfo, ModelWrapper
+from advex.engine.models import ModelInfo, ModelWrapper, freeze
 from advex.engine.zoo import ACTIVATIONS, ARCHITECTURES, input_noise_std
 from advex.service import sandbox
 from advex.service.config import ServerConfig
@@ -590,9 +590,9 @@ class Registry:
             return record, ModelWrapper(endpoints.build_net(record, self.config), model_info(record.spec))
         path = self.store.get_resource("models", model_id, res.Model)[1]
 
-        def make() -> ModelWrapper:
-            return load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device,
-                              record.spec.layout, record.spec.value_range)
+        def make() -> ModelWrapper:  # frozen: for attacks and inference only (training builds its own)
+            return freeze(load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device,
+                                     record.spec.layout, record.spec.value_range))
 
         with self._lock:
             return record, self._models.get_or(model_id, make)
