@@ -4,7 +4,7 @@
 # Real-data tests read ADVEX_DATA_ROOT (default ../shared/data when it exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh server,plot,dev
+bash scripts/setup.sh server,plot,notebook,dev
 venv="${ADVEX_VENV:-.venv}"
 # torchattacks is the benchmark's peer (and a cross-check in the tests); --no-deps because its
 # declared requests pin drags in old packages. It needs only torch, scipy and tqdm.

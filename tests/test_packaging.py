@@ -64,6 +64,8 @@ def test_the_client_install_pulls_in_no_torch_and_the_engine_install_no_grpc():
     assert {"advex-client", "advex-protos", "grpcio", "protobuf"} <= client
     assert not client & {"torch", "torchvision", "advex-engine", "advex-server", "onnxruntime-gpu"}
     assert not closure("advex-client", ("plot",)) & {"torch", "torchvision"}
+    notebook = closure("advex-client", ("notebook",))
+    assert {"pandas", "matplotlib", "ipywidgets"} <= notebook and not notebook & {"torch", "torchvision"}
     engine = closure("advex-engine")
     assert "torch" in engine
     assert not engine & {"grpcio", "protobuf", "advex-protos", "advex-client", "advex-server"}
@@ -80,8 +82,10 @@ def _imports_of(code: str) -> set[str]:
 
 def test_importing_the_whole_client_loads_no_torch_and_the_whole_engine_no_grpc():
     client = _imports_of("import advex.client.cli, advex.client.sdk, advex.client.demo, advex.client.reproduce, "
-                         "advex.client.render, advex.client.plots")
+                         "advex.client.render, advex.client.plots, advex.client.results")
     assert "grpc" in client and not client & {"torch", "torchvision", "advex.engine", "advex.service"}
+    # pandas and matplotlib are optional: imported by to_pandas() and plot(), never on import
+    assert not client & {"pandas", "matplotlib", "IPython"}
     engine_modules = sorted(p.stem for p in (ROOT / "engine" / "advex" / "engine").glob("*.py") if p.stem != "__init__")
     engine = _imports_of("import " + ", ".join(f"advex.engine.{m}" for m in engine_modules))
     assert "torch" in engine and not engine & {"grpc", "advex.v1", "advex.service", "advex.client"}

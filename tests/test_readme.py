@@ -144,3 +144,6 @@ def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch, mlserver):
     assert scope["d_det"].target_hit_rate > 0 and len(scope["r"].pairs) == 2
     usage = scope["served"].endpoint_usage                          # the endpoint: Square ran, counted
     assert usage.requests > 0 and usage.rows >= 500 and scope["m"].spec.endpoint.credential == "prod"
+    # the notebook section: a DataFrame, a figure, and two evaluations run at once by the async client
+    assert list(scope["df"].columns[:4]) == ["attack", "suite", "norm", "eps"] and len(scope["fig"].axes) >= 1
+    assert [b.model_id for b in scope["both"]] == [scope["model_id"], scope["robust_id"]]

@@ -226,7 +226,7 @@ def register_targets(client, spec: AuditSpec) -> list[dict]:
     return out
 
 
-def run(client, spec: AuditSpec, spec_text: str, *, progress: bool = True
+def run(client, spec: AuditSpec, spec_text: str, *, progress: Optional[bool] = None
         ) -> tuple[results.AuditResult, str, dict[str, str]]:
     """Register the endpoints, run the audit on the server and wait: (result, operation id,
     model id -> "model" or "endpoint")."""
@@ -299,9 +299,12 @@ def target_entry(record: results.AuditRecord, history: list[results.AuditRecord]
     }
 
 
-def report_data(client, spec: AuditSpec, result: results.AuditResult, operation_id: str,
-                kinds: dict[str, str]) -> dict:
-    """The report's data (what report.json holds): every target with its history from the server."""
+def report_data(client, spec: Optional[AuditSpec], result: results.AuditResult, operation_id: str = "",
+                kinds: Optional[dict[str, str]] = None) -> dict:
+    """The report's data (what report.json holds): every target with its history from the server.
+    spec: the audit's spec, or None for an audit run through the SDK (name, data and suite are then
+    read from the result). kinds: model id -> "model" or "endpoint" (default "model")."""
+    kinds = kinds or {}
     targets = []
     for record in result.records:
         history = client.list_audits(target=record.model_id, audit_name=record.audit_name, limit=HISTORY_LIMIT)
@@ -309,12 +312,17 @@ def report_data(client, spec: AuditSpec, result: results.AuditResult, operation_
         baseline = next((h for h in history if h.id == record.baseline_audit_id), None)
         targets.append(target_entry(record, history, kinds.get(record.model_id, "model"), baseline))
     first = result.records[0] if result.records else None
+    ev = first.evaluation if first else None
+    if spec is not None:
+        name, dataset, split, limit, suite = spec.name, spec.dataset, spec.split, spec.limit, spec.suite
+    else:
+        name, dataset, split = result.audit_name, ev.dataset_id if ev else "", ev.split if ev else ""
+        limit, suite = ev.num_examples if ev else 0, next((r.suite for r in ev.robust if r.suite), "") if ev else ""
     return {
-        "audit": spec.name, "passed": result.passed,
+        "audit": name, "passed": result.passed,
         "time": _time(first.create_time) if first else "",
         "server": getattr(client, "target", ""), "operation_id": operation_id,
-        "dataset": {"id": spec.dataset, "split": first.evaluation.split if first else spec.split,
-                    "limit": spec.limit},
-        "suite": spec.suite,
+        "dataset": {"id": dataset, "split": ev.split if ev else split, "limit": limit},
+        "suite": suite,
         "targets": targets,
     }

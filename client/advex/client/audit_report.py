@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 from advex.client import plots
-from advex.client.render import fmt_range, fmt_rate, table
+from advex.client.render import fmt_range, fmt_rate, html_table, numeric_cell, plain as _plain, table
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -44,7 +44,6 @@ __all__ = ["write_reports", "history_table", "draw_history", "draw_robust", "ren
 
 _RED = "#c0392b"
 _GREEN = "#2e7d32"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -80,13 +79,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- formatting values
-
-def _plain(value: object) -> str:
-    """Text for one line: None -> "", control characters (newlines, ESC, ...) -> spaces."""
-    if value is None:
-        return ""
-    return _CONTROL.sub(" ", str(value))
-
 
 def _num(value: object) -> Optional[float]:
     """A finite float, or None (missing, None, text, nan)."""
@@ -574,7 +566,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], failed: Seq
     def line(cells):
         return "| " + " | ".join(_md(c) or " " for c in cells) + " |"
 
-    numeric = [all(_numeric_cell(r[i]) for r in rows if i < len(r)) and rows for i in range(len(headers))]
+    numeric = [all(numeric_cell(r[i]) for r in rows if i < len(r)) and rows for i in range(len(headers))]
     out = [line(headers), "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     for k, row in enumerate(rows):
         cells = [_md(c) or " " for c in row]
@@ -582,10 +574,6 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], failed: Seq
             cells[0] = f"**{cells[0]}**"
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
-
-
-def _numeric_cell(s: str) -> bool:
-    return bool(re.fullmatch(r"(n/a|-|[\d.]+%?( \([\d.]+-[\d.]+%\))?|\d+ of \d+)", s))
 
 
 def render_markdown(report: Mapping) -> str:
@@ -637,17 +625,6 @@ def _h(text: object) -> str:
     return html.escape(_plain(text), quote=True)
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], failed: Sequence[int] = ()) -> str:
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{_h(h)}</th>" for h in headers) + "</tr></thead>", "<tbody>"]
-    for k, row in enumerate(rows):
-        cls = ' class="failed"' if k in failed else ""
-        cells = "".join(f'<td class="num">{_h(c)}</td>' if _numeric_cell(str(c)) else f"<td>{_h(c)}</td>"
-                        for c in row)
-        out.append(f"<tr{cls}>{cells}</tr>")
-    out.append("</tbody></table>")
-    return "\n".join(out)
-
-
 def render_html(report: Mapping) -> str:
     """The report as one self-contained HTML page (inline CSS, charts as data: PNGs, no script, no
     external address)."""
@@ -673,7 +650,7 @@ def render_html(report: Mapping) -> str:
             body.append('<dl class="kv">' + "".join(f"<dt>{_h(k)}</dt><dd>{_h(v)}</dd>" for k, v in block[1])
                         + "</dl>")
         elif kind == "table":
-            body.append(_html_table(block[1], block[2], block[3]))
+            body.append(html_table(block[1], block[2], failed=block[3]))
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_h(item)}</li>" for item in block[1]) + "</ul>")
         elif kind == "charts" and not missing:

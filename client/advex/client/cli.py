@@ -275,7 +275,7 @@ def _audit_run(args) -> int:
                               "history TARGET)")
     spec, text = audit.load_spec(args.spec)
     client = _client(args)
-    result, op_id, kinds = audit.run(client, spec, text, progress=not args.quiet)
+    result, op_id, kinds = audit.run(client, spec, text, progress=False if args.quiet else None)
     data = audit.report_data(client, spec, result, op_id, kinds)
     paths = write_reports(data, args.output or spec.output)
     for t in data["targets"]:

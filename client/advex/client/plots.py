@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from advex.client.render import fmt_rate
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     from matplotlib.figure import Figure
 
 PLOT_EXTRA = "advex[plot]"
@@ -236,6 +237,122 @@ def robustness_curve(curve, path: str | Path, *, clean_accuracy: Optional[float]
             fig.suptitle(title, fontweight="bold")
         _save(fig, path)
     return fig
+
+
+# ----------------------------------------------------------------------------- notebook figures
+
+def shown(fig: "Figure", path: str | Path | None = None) -> "Figure":
+    """Save the Figure as a PNG at `path` when one is given, and let IPython display it: a Figure made
+    without pyplot has no display of its own, so it gets a `_repr_png_` (its PNG, as saved)."""
+    import io
+
+    def _repr_png_() -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi="figure")
+        return buf.getvalue()
+
+    fig._repr_png_ = _repr_png_  # type: ignore[attr-defined]
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def heatmap(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], columns: Sequence[str],
+            path: str | Path | None = None, *, title: str = "", xlabel: str = "", ylabel: str = "",
+            label: str = "") -> "Figure":
+    """A matrix of rates (fractions in [0,1]; None is not measured, a grey cell reading "n/a") as a
+    heat map on a fixed 0-100% scale, each cell's value written in it (texts with gid "cell R C")."""
+    import numpy as np
+    from matplotlib import colormaps, rc_context
+    from matplotlib.ticker import PercentFormatter
+
+    grid = np.array([[np.nan if v is None or not _finite(v) else float(v) for v in row] for row in values],
+                    dtype=float).reshape(len(rows), len(columns))
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")
+    with rc_context(_STYLE):
+        fig, ax = _figure(max(4.2, 1.1 * len(columns) + 2.6), max(3.0, 0.7 * len(rows) + 1.8))
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=30 if len(columns) > 3 else 0,
+                      ha="right" if len(columns) > 3 else "center")
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.spines[:].set_visible(False)
+        ax.tick_params(length=0)
+        for r in range(grid.shape[0]):
+            for c in range(grid.shape[1]):
+                v = grid[r, c]
+                ink = "0.3" if not np.isfinite(v) else ("white" if v < 0.55 else "black")
+                ax.text(c, r, fmt_rate(None if not np.isfinite(v) else v), ha="center", va="center", color=ink,
+                        fontsize=9, gid=f"cell {r} {c}")
+        bar = fig.colorbar(image, ax=ax, shrink=0.9)
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        if label:
+            bar.set_label(label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            fig.suptitle(title, fontweight="bold")
+    return shown(fig, path)
+
+
+def image_rows(rows: Sequence[tuple[str, "np.ndarray", Sequence[str]]], path: str | Path | None = None, *,
+               title: str = "", signed: Sequence[str] = ()) -> "Figure":
+    """Images in rows, one row per (name, images [N,C,H,W] in [0,1], captions[N]). The rows named in
+    `signed` (perturbations) are shown around mid-grey, scaled so that the row's largest |value| is
+    black or white (sizes stay comparable across the row). Each image is an AxesImage with gid
+    "<name> <i>"."""
+    import numpy as np
+    from matplotlib import rc_context
+
+    n = max((len(r[1]) for r in rows), default=0)
+    with rc_context(_STYLE):
+        fig, _ = _figure(max(3.0, 1.15 * n + 1.0), 1.35 * max(1, len(rows)) + (0.4 if title else 0.1))
+        fig.clear()
+        grid = fig.subplots(max(1, len(rows)), max(1, n), squeeze=False)
+        for r, (name, images, captions) in enumerate(rows):
+            images = np.asarray(images, dtype=np.float32)
+            if name in signed:
+                images = 0.5 + 0.5 * images / (float(np.abs(images).max()) or 1.0)
+            for i in range(grid.shape[1]):
+                ax = grid[r, i]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.spines[:].set_visible(False)
+                if i >= len(images):
+                    continue
+                pixels = np.clip(images[i], 0.0, 1.0)
+                ax.imshow(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0), vmin=0.0, vmax=1.0,
+                          cmap="gray", interpolation="nearest", gid=f"{name} {i}")
+                ax.set_xlabel(str(captions[i]) if i < len(captions) else "", fontsize=7.5)
+            grid[r, 0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
+        if title:
+            fig.suptitle(title, fontweight="bold")
+    return shown(fig, path)
+
+
+def curves(x: Sequence[float], series: Mapping[str, Sequence[Optional[float]]], path: str | Path | None = None,
+           *, xlabel: str, title: str = "", percent: Sequence[str] = ()) -> "Figure":
+    """Lines over x, one Axes per series name (gid "<name>" on its line); the series named in
+    `percent` are rates on a percentage axis."""
+    from matplotlib import rc_context
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    names = list(series)
+    with rc_context(_STYLE):
+        fig, _ = _figure(max(4.4, 3.6 * len(names)), 3.4)
+        fig.clear()
+        axes = fig.subplots(1, max(1, len(names)), squeeze=False)[0]
+        for ax, name in zip(axes, names):
+            pairs = [(a, b) for a, b in zip(x, series[name]) if _finite(b)]
+            ax.plot([a for a, _ in pairs], [b for _, b in pairs], marker="o", ms=4, lw=1.8, color=_BLUE, gid=name)
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True)
+            if name in percent:
+                ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        if title:
+            fig.suptitle(title, fontweight="bold")
+    return shown(fig, path)
 
 
 def _place_point_labels(fig, ax, valid: Sequence[tuple[str, float, float]]) -> None:

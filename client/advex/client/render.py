@@ -2,7 +2,9 @@
 for showing a rate (a zero denominator or nan reads "n/a"). Charts are in advex.client.plots."""
 from __future__ import annotations
 
+import html
 import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +21,42 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NUMERIC_CELL = re.compile(r"(n/a|-|-?[\d.]+(e-?\d+)?%?( \([\d.]+-[\d.]+%\))?|\d+ of \d+)")
+
+
+def plain(value: object) -> str:
+    """Text for one line: None -> "", control characters (newlines, ESC, ...) -> spaces."""
+    if value is None:
+        return ""
+    return _CONTROL.sub(" ", str(value))
+
+
+def numeric_cell(text: str) -> bool:
+    """A cell to right-align: a number, a rate, a rate with its interval, "n of m", "n/a"."""
+    return bool(_NUMERIC_CELL.fullmatch(text))
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, failed: Sequence[int] = (),
+               header: bool = True) -> str:
+    """An HTML table, every cell escaped (values may come from a server), numbers right-aligned
+    (class "num"), the rows in `failed` marked with class "failed"; header=False leaves out the head."""
+    def h(text: object) -> str:
+        return html.escape(plain(text), quote=True)
+
+    out = ["<table>"]
+    if header:
+        out.append("<thead><tr>" + "".join(f"<th>{h(c)}</th>" for c in headers) + "</tr></thead>")
+    out.append("<tbody>")
+    for k, row in enumerate(rows):
+        cls = ' class="failed"' if k in failed else ""
+        cells = "".join(f'<td class="num">{h(c)}</td>' if numeric_cell(plain(c)) else f"<td>{h(c)}</td>"
+                        for c in row)
+        out.append(f"<tr{cls}>{cells}</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
 
 
 def rate(numerator: float, denominator: float) -> Optional[float]:

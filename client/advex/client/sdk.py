@@ -1,13 +1,15 @@
 """The Python SDK: one method per RPC, numpy arrays in and out, long work as Operation
-handles with ``result(timeout=None, progress=True)``."""
+handles with ``result(timeout=None, progress=None)``. Client blocks; AsyncClient (grpc.aio) has
+the same methods as coroutines. Results show themselves in a notebook (advex.client.results)."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import AsyncIterator, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
@@ -20,6 +22,7 @@ from advex.v1 import results_pb2 as results
 from advex.v1 import robustness_pb2 as rpc
 from advex.v1 import robustness_pb2_grpc as rpc_grpc
 from advex.v1.wire import from_tensor, to_tensor
+from advex.client.results import AttackResult, AuditHistory, operation_html, wrap
 
 CHUNK = 1 << 20
 NORMS = {"l2": results.L2, "linf": results.LINF}
@@ -57,22 +60,10 @@ def attack_spec(norm: str = "Linf", eps: float = 0.0, method: str = "pgd", steps
     return spec
 
 
-@dataclass
-class AttackResult:
-    x_adv: np.ndarray              # float32, shape of x, in [0,1]
-    clean_pred: np.ndarray         # int64 [N]
-    adv_pred: np.ndarray           # int64 [N]
-    success: np.ndarray            # bool [N]
-    perturbation_norm: np.ndarray  # float32 [N]
-    attack: results.AttackSpec     # settings used, defaults filled in
-    model_sha256: str
-    queries: Optional[np.ndarray] = None  # int64 [N]: model queries (black-box attacks)
+class _OperationBase:
+    """What both handles share: the operation message, its state, and how it ends."""
 
-
-class Operation:
-    """A handle on a long-running server operation."""
-
-    def __init__(self, client: "Client", proto: op_pb.Operation) -> None:
+    def __init__(self, client, proto: op_pb.Operation) -> None:
         self._client = client
         self.proto = proto
 
@@ -87,6 +78,27 @@ class Operation:
     @property
     def done(self) -> bool:
         return self.proto.done
+
+    def _outcome(self):
+        if self.proto.state != op_pb.Operation.SUCCEEDED:
+            raise OperationError(self.proto)
+        return wrap(getattr(self.proto, self.proto.WhichOneof("outcome")), self._client, self.id)
+
+    def _wait_request(self, left: Optional[float]) -> op_pb.WaitOperationRequest:
+        """A long poll of at most 30 s (or what is left of the caller's timeout)."""
+        return op_pb.WaitOperationRequest(operation_id=self.id, timeout_seconds=30.0 if left is None
+                                          else min(left, 30.0))
+
+    def __repr__(self) -> str:
+        p = self.proto.progress
+        return f"<{type(self).__name__} {self.id} {self.proto.kind} {self.state} {p.done}/{p.total} {p.unit}>"
+
+    def _repr_html_(self) -> str:
+        return operation_html(self.proto)
+
+
+class Operation(_OperationBase):
+    """A handle on a long-running server operation."""
 
     def refresh(self) -> "Operation":
         self.proto = self._client.stub.GetOperation(op_pb.GetOperationRequest(operation_id=self.id),
@@ -105,29 +117,26 @@ class Operation:
             self.proto = op
             yield op
 
-    def result(self, timeout: Optional[float] = None, progress: bool = True):
-        """Block until done; return the result message (EvaluateResult, TrainResult, ...).
-        Raises OperationError if it failed or was cancelled, TimeoutError after `timeout` s."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _progress_bar(self) if progress else None
+    def result(self, timeout: Optional[float] = None, progress: Optional[bool] = None):
+        """Block until done; return the result (Evaluation, Training, ...: the result message with
+        tables, `to_pandas()` and `.plot()`; `.proto` is the message itself). Raises
+        OperationError if it failed or was cancelled, TimeoutError after `timeout` s.
+        progress: None shows a bar in a terminal or a notebook (tqdm.auto) and nothing elsewhere;
+        True always; False never."""
+        deadline = _Deadline(self, timeout)
+        bar = _progress_bar(self) if wants_progress(progress) and not self.done else None
         try:
             while not self.done:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"operation {self.id} not done after {timeout} s (state {self.state})")
+                left = deadline.left()
                 if bar is not None:
                     self._watch_with_bar(bar, left)
                 else:
-                    wait = 30.0 if left is None else min(left, 30.0)
-                    self.proto = self._client.stub.WaitOperation(
-                        op_pb.WaitOperationRequest(operation_id=self.id, timeout_seconds=wait),
-                        metadata=self._client.metadata)
+                    self.proto = self._client.stub.WaitOperation(self._wait_request(left),
+                                                                 metadata=self._client.metadata)
         finally:
             if bar is not None:
                 bar.close()
-        if self.proto.state != op_pb.Operation.SUCCEEDED:
-            raise OperationError(self.proto)
-        return getattr(self.proto, self.proto.WhichOneof("outcome"))
+        return self._outcome()
 
     def _watch_with_bar(self, bar, timeout: Optional[float]) -> None:
         stream = self._client.stub.WatchOperation(op_pb.WatchOperationRequest(operation_id=self.id),
@@ -135,27 +144,113 @@ class Operation:
         try:
             for op in stream:
                 self.proto = op
-                p = op.progress
-                if p.total:
-                    bar.total = p.total
-                    bar.unit = " " + (p.unit or "it")
-                bar.n = p.done
-                bar.set_description_str(f"{op.kind} {p.stage}".strip(), refresh=False)
-                bar.refresh()
+                _show(bar, op)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
             self.refresh()
 
-    def __repr__(self) -> str:
-        p = self.proto.progress
-        return f"<Operation {self.id} {self.proto.kind} {self.state} {p.done}/{p.total} {p.unit}>"
+
+class AsyncOperation(_OperationBase):
+    """A handle on a long-running server operation, for asyncio (AsyncClient): the methods of
+    Operation as coroutines (`watch` an async iterator)."""
+
+    async def refresh(self) -> "AsyncOperation":
+        self.proto = await self._client.stub.GetOperation(op_pb.GetOperationRequest(operation_id=self.id),
+                                                          metadata=self._client.metadata)
+        return self
+
+    async def cancel(self) -> "AsyncOperation":
+        self.proto = await self._client.stub.CancelOperation(op_pb.CancelOperationRequest(operation_id=self.id),
+                                                             metadata=self._client.metadata)
+        return self
+
+    async def watch(self) -> AsyncIterator[op_pb.Operation]:
+        """Every progress or state change until the operation is done."""
+        async for op in self._client.stub.WatchOperation(op_pb.WatchOperationRequest(operation_id=self.id),
+                                                         metadata=self._client.metadata):
+            self.proto = op
+            yield op
+
+    async def result(self, timeout: Optional[float] = None, progress: Optional[bool] = None):
+        """Wait until done without blocking the event loop; as Operation.result."""
+        deadline = _Deadline(self, timeout)
+        bar = _progress_bar(self) if wants_progress(progress) and not self.done else None
+        try:
+            while not self.done:
+                left = deadline.left()
+                if bar is not None:
+                    await self._watch_with_bar(bar, left)
+                else:
+                    self.proto = await self._client.stub.WaitOperation(self._wait_request(left),
+                                                                       metadata=self._client.metadata)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._outcome()
+
+    async def _watch_with_bar(self, bar, timeout: Optional[float]) -> None:
+        try:
+            async for op in self._client.stub.WatchOperation(op_pb.WatchOperationRequest(operation_id=self.id),
+                                                             metadata=self._client.metadata, timeout=timeout):
+                self.proto = op
+                _show(bar, op)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            await self.refresh()
 
 
-def _progress_bar(op: Operation):
+class _Deadline:
+    """What is left of a result() call's timeout; TimeoutError once it has passed."""
+
+    def __init__(self, op: _OperationBase, timeout: Optional[float]) -> None:
+        self.op, self.timeout = op, timeout
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> Optional[float]:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"operation {self.op.id} not done after {self.timeout} s (state {self.op.state})")
+        return left
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython is asked only when something already imported it)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def wants_progress(progress: Optional[bool]) -> bool:
+    """progress=None: a bar in a notebook or when stderr is a terminal, nothing elsewhere (logs,
+    pipes, CI); True or False decide."""
+    if progress is not None:
+        return bool(progress)
+    if in_notebook():
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_bar(op: _OperationBase):
     from tqdm.auto import tqdm
 
     return tqdm(total=op.proto.progress.total or None, desc=op.proto.kind, leave=True, dynamic_ncols=True)
+
+
+def _show(bar, op: op_pb.Operation) -> None:
+    p = op.progress
+    if p.total:
+        bar.total = p.total
+        bar.unit = " " + (p.unit or "it")
+    bar.n = p.done
+    bar.set_description_str(f"{op.kind} {p.stage}".strip(), refresh=False)
+    bar.refresh()
 
 
 PEM = Union[bytes, str, Path]  # PEM bytes, or the path of a PEM file
@@ -170,48 +265,39 @@ def _pem(value: PEM, what: str) -> bytes:
         raise ValueError(f"cannot read {what} {str(value)!r}: {exc.strerror or exc}") from None
 
 
-class Client:
-    """advex client. target: "host:port". token: bearer token if the server requires one.
-    tls: False (plaintext), True for TLS with the system roots, or the root certificates to trust
-    (PEM bytes, or the path of a PEM file). client_cert, client_key: the client certificate chain
-    and its private key for servers that require mutual TLS (PEM bytes or paths; both or
-    neither; they imply TLS)."""
+def _channel_settings(tls: Union[bool, PEM], client_cert: Optional[PEM], client_key: Optional[PEM]):
+    """(channel credentials or None for plaintext, channel options) for both clients."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together (give both or neither)")
+    if tls is False and client_cert is None:
+        return None, options
+    roots = None if tls is True or tls is False or tls is None else _pem(tls, "TLS root certificates")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=roots,
+        private_key=None if client_key is None else _pem(client_key, "TLS client key"),
+        certificate_chain=None if client_cert is None else _pem(client_cert, "TLS client certificate"))
+    return creds, options
 
-    def __init__(self, target: str = "localhost:50051", token: Optional[str] = None,
-                 tls: Union[bool, PEM] = False, timeout: float = 60.0, *,
-                 client_cert: Optional[PEM] = None, client_key: Optional[PEM] = None) -> None:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-        if (client_cert is None) != (client_key is None):
-            raise ValueError("client_cert and client_key go together (give both or neither)")
-        if tls is not False or client_cert is not None:
-            roots = None if tls is True or tls is False or tls is None else _pem(tls, "TLS root certificates")
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=roots,
-                private_key=None if client_key is None else _pem(client_key, "TLS client key"),
-                certificate_chain=None if client_cert is None else _pem(client_cert, "TLS client certificate"))
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
-        self.stub = rpc_grpc.RobustnessStub(self.channel)
+
+class _Api:
+    """Every RPC as a method: the request is built here, once, for both clients. How a call is made
+    (blocking, or a coroutine) is the subclass's: _unary, _upload, _download, _pages and _op."""
+
+    timeout: float
+    metadata: tuple
+
+    def __init__(self, target: str, token: Optional[str], timeout: float) -> None:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self.target = target
 
-    def close(self) -> None:
-        self.channel.close()
+    def _call(self, method: str, request, then=None):
+        return self._unary(method, request, self.timeout, then)
 
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the server accepts connections."""
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
-
-    def _call(self, method: str, request):
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+    def _start(self, method: str, request):
+        """Start a long operation: its handle."""
+        return self._unary(method, request, self.timeout, self._op)
 
     # ------------------------------------------------------------------ Attack
     def attack(self, model_id: str, x: np.ndarray, y: Sequence[int], *, norm: str = "Linf", eps: float = 8 / 255,
@@ -225,10 +311,14 @@ class Client:
                                 attack=attack_spec(norm, eps, method, steps, step_size, random_start, restarts,
                                                    targeted, seed, eot),
                                 domain=res.REAL if domain.lower() == "real" else res.IMAGE)
-        r = self.stub.Attack(req, metadata=self.metadata, timeout=max(self.timeout, 600.0))
-        return AttackResult(from_tensor(r.x_adv, "x_adv"), from_tensor(r.clean_pred), from_tensor(r.adv_pred),
-                            from_tensor(r.success), from_tensor(r.perturbation_norm), r.attack, r.model_sha256,
-                            from_tensor(r.queries) if r.HasField("queries") else None)
+        inputs, labels = np.asarray(x), np.asarray(y)
+
+        def result(r: rpc.AttackResponse) -> AttackResult:
+            return AttackResult(from_tensor(r.x_adv, "x_adv"), from_tensor(r.clean_pred), from_tensor(r.adv_pred),
+                                from_tensor(r.success), from_tensor(r.perturbation_norm), r.attack, r.model_sha256,
+                                from_tensor(r.queries) if r.HasField("queries") else None, x=inputs, y=labels)
+
+        return self._unary("Attack", req, max(self.timeout, 600.0), result)
 
     # ------------------------------------------------------------------ Evaluate / Train
     def evaluate(self, model_id: str, dataset_id: str, *, attacks: Iterable[Mapping] = (), split: str = "",
@@ -257,7 +347,7 @@ class Client:
             eps = a.pop("eps", [])
             eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
             req.attacks.add(attack=attack_spec(**a), eps=eps_list)
-        return Operation(self, self._call("Evaluate", req))
+        return self._start("Evaluate", req)
 
     def train(self, architecture: str, dataset_id: str, *, split: str = "", limit: int = 0, preset: str = "",
               epochs: int = 0, batch_size: int = 0, lr: Optional[float] = None, momentum: Optional[float] = None,
@@ -277,7 +367,7 @@ class Client:
                 setattr(req, field, value)
         if adversarial is not None:
             req.adversarial.CopyFrom(attack_spec(**adversarial))
-        return Operation(self, self._call("Train", req))
+        return self._start("Train", req)
 
     # ------------------------------------------------------------------ the paper's datasets
     def robustify(self, model_id: str, dataset_id: str, *, split: str = "", limit: int = 0, steps: int = 0,
@@ -288,7 +378,7 @@ class Client:
         req = rpc.RobustifyRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit, seed=seed,
                                    name=name, batch_size=batch_size, shard_size=shard_size,
                                    inversion=rpc.InversionSpec(steps=steps, step_size=step_size, start=start, eps=eps))
-        return Operation(self, self._call("Robustify", req))
+        return self._start("Robustify", req)
 
     def build_nonrobust_dataset(self, mode: str, model_id: str, dataset_id: str, *, split: str = "", limit: int = 0,
                                 attack: Optional[Mapping] = None, steps: int = 0, step_size: float = 0.0,
@@ -307,7 +397,7 @@ class Client:
         if attack:
             a = {"norm": "L2", **attack}
             req.attack.CopyFrom(attack_spec(**a))
-        return Operation(self, self._call("BuildNonRobustDataset", req))
+        return self._start("BuildNonRobustDataset", req)
 
     def download_dataset(self, dataset_id: str, split: str = "", *, limit: int = 0,
                          path: Union[str, Path, None] = None,
@@ -315,22 +405,24 @@ class Client:
         """A dataset split as numpy arrays (x, y), optionally its first `limit` examples only; the
         .npz is also written to `path` if given (for a whole stored dataset: its stored bytes).
         The sha256 the server announces is checked."""
-        stream = self.stub.DownloadDataset(
-            rpc.DownloadDatasetRequest(dataset_id=dataset_id, split=split, lossy_uint8=lossy_uint8, limit=limit),
-            metadata=self.metadata, timeout=max(self.timeout, 3600.0))
-        info, parts = None, []
-        for msg in stream:
-            if msg.HasField("info"):
-                info = msg.info
-            else:
-                parts.append(msg.chunk)
-        data = b"".join(parts)
-        if info is None or len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-            raise IOError(f"download of {dataset_id!r} is incomplete or corrupt")
-        if path is not None:
-            Path(path).write_bytes(data)
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return z["x"], z["y"]
+        request = rpc.DownloadDatasetRequest(dataset_id=dataset_id, split=split, lossy_uint8=lossy_uint8, limit=limit)
+
+        def arrays(stream: list) -> tuple[np.ndarray, np.ndarray]:
+            info, parts = None, []
+            for msg in stream:
+                if msg.HasField("info"):
+                    info = msg.info
+                else:
+                    parts.append(msg.chunk)
+            data = b"".join(parts)
+            if info is None or len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+                raise IOError(f"download of {dataset_id!r} is incomplete or corrupt")
+            if path is not None:
+                Path(path).write_bytes(data)
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return z["x"], z["y"]
+
+        return self._download("DownloadDataset", request, max(self.timeout, 3600.0), arrays)
 
     # ------------------------------------------------------------------ TransferRate
     def transfer_rate(self, source_model_ids: Sequence[str], target_model_ids: Sequence[str], dataset_id: str, *,
@@ -341,36 +433,36 @@ class Client:
         req = rpc.TransferRateRequest(source_model_ids=list(source_model_ids), target_model_ids=list(target_model_ids),
                                       dataset_id=dataset_id, split=split, limit=limit, batch_size=batch_size,
                                       attack=attack_spec(norm, eps, method, steps, step_size, None, 0, targeted, seed))
-        return Operation(self, self._call("TransferRate", req))
+        return self._start("TransferRate", req)
 
     # ------------------------------------------------------------------ operations
     def get_operation(self, operation_id: str) -> Operation:
-        return Operation(self, self._call("GetOperation", op_pb.GetOperationRequest(operation_id=operation_id)))
+        return self._call("GetOperation", op_pb.GetOperationRequest(operation_id=operation_id), self._op)
 
     def list_operations(self, kind: str = "", page_size: int = 0, limit: Optional[int] = None) -> list[Operation]:
         """Operations, newest first (kind: only those of this kind, "" = all): every page, fetched
         page_size at a time (0 = the server's default), or the newest `limit` of them."""
         if limit is not None and not page_size:
             page_size = max(1, min(limit, 1000))
-        pages = self._pages("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size), limit)
-        return [Operation(self, op) for op in pages]
+        return self._pages("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size), limit,
+                           lambda ops: [self._op(op) for op in ops])
 
     def list_operations_page(self, kind: str = "", page_size: int = 0,
                              page_token: str = "") -> tuple[list[Operation], str]:
         """One page of operations and the next page's token ("" after the last page)."""
-        resp = self._call("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size,
-                                                                        page_token=page_token))
-        return [Operation(self, op) for op in resp.operations], resp.next_page_token
+        return self._call("ListOperations", op_pb.ListOperationsRequest(kind=kind, page_size=page_size,
+                                                                        page_token=page_token),
+                          lambda resp: ([self._op(op) for op in resp.operations], resp.next_page_token))
 
     def cancel_operation(self, operation_id: str) -> Operation:
-        return Operation(self, self._call("CancelOperation", op_pb.CancelOperationRequest(operation_id=operation_id)))
+        return self._call("CancelOperation", op_pb.CancelOperationRequest(operation_id=operation_id), self._op)
 
     def wait_operation(self, operation_id: str, timeout: float = 30.0) -> Operation:
         req = op_pb.WaitOperationRequest(operation_id=operation_id, timeout_seconds=timeout)
-        return Operation(self, self.stub.WaitOperation(req, metadata=self.metadata, timeout=timeout + self.timeout))
+        return self._unary("WaitOperation", req, timeout + self.timeout, self._op)
 
     def watch_operation(self, operation_id: str) -> Iterator[op_pb.Operation]:
-        return Operation(self, op_pb.Operation(id=operation_id)).watch()
+        return self._op(op_pb.Operation(id=operation_id)).watch()
 
     # ------------------------------------------------------------------ models
     def upload_model(self, file: Union[str, Path, bytes], *, format: str, num_classes: int = 0,
@@ -391,14 +483,14 @@ class Client:
                              value_range=value_range)
         data = file if isinstance(file, bytes) else Path(file).read_bytes()
         parts = [res.UploadModelRequest(spec=spec)] + [res.UploadModelRequest(chunk=c) for c in _chunks(data)]
-        return self.stub.UploadModel(iter(parts), metadata=self.metadata, timeout=max(self.timeout, 600.0))
+        return self._upload("UploadModel", parts, max(self.timeout, 600.0))
 
     def export_model(self, model_id: str, dataset_id: str, *, split: str = "", limit: int = 0,
                      name: str = "") -> Operation:
         """Export a torch model to ONNX (registered as a new model) and measure, on a dataset, how
         often the two predict the same class: the result is an ExportResult."""
         req = res.ExportModelRequest(model_id=model_id, dataset_id=dataset_id, split=split, limit=limit, name=name)
-        return Operation(self, self._call("ExportModel", req))
+        return self._start("ExportModel", req)
 
     def get_model(self, model_id: str) -> res.Model:
         return self._call("GetModel", res.GetModelRequest(model_id=model_id))
@@ -409,11 +501,11 @@ class Client:
 
     def list_models_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[res.Model], str]:
         """One page of models and the next page's token ("" after the last page)."""
-        resp = self._call("ListModels", res.ListModelsRequest(page_size=page_size, page_token=page_token))
-        return list(resp.models), resp.next_page_token
+        return self._call("ListModels", res.ListModelsRequest(page_size=page_size, page_token=page_token),
+                          lambda resp: (list(resp.models), resp.next_page_token))
 
     def delete_model(self, model_id: str) -> None:
-        self._call("DeleteModel", res.DeleteModelRequest(model_id=model_id))
+        return self._call("DeleteModel", res.DeleteModelRequest(model_id=model_id), _nothing)
 
     def register_endpoint(self, url: str, model_name: str, *, input_shape: Sequence[int], num_classes: int,
                           model_version: str = "", input_name: str = "", output_name: str = "", name: str = "",
@@ -436,8 +528,7 @@ class Client:
         spec = res.ModelSpec(name=name, format=res.ENDPOINT, num_classes=num_classes, input_shape=list(input_shape),
                              mean=mean, std=std, labels=dict(labels or {}), layout=layout, value_range=value_range,
                              endpoint=endpoint)
-        return self.stub.RegisterEndpoint(res.RegisterEndpointRequest(spec=spec), metadata=self.metadata,
-                                          timeout=max(self.timeout, 120.0))
+        return self._unary("RegisterEndpoint", res.RegisterEndpointRequest(spec=spec), max(self.timeout, 120.0))
 
     # ------------------------------------------------------------------ audits
     def audit(self, name: str, targets: Sequence[Union[str, Mapping[str, str]]], dataset_id: str, *,
@@ -470,13 +561,14 @@ class Client:
             req.min_clean_accuracy = min_clean_accuracy
         if max_drop is not None:
             req.max_drop = max_drop
-        return Operation(self, self._call("Audit", req))
+        return self._start("Audit", req)
 
     def list_audits(self, target: str = "", audit_name: str = "", page_size: int = 0,
-                    limit: Optional[int] = None) -> list[results.AuditRecord]:
-        """Audit records, newest first: of a target (model id or name) and audit name ("" = any)."""
+                    limit: Optional[int] = None) -> AuditHistory:
+        """Audit records, newest first: of a target (model id or name) and audit name ("" = any); a
+        list (AuditHistory) with a table, to_pandas() and plot()."""
         return self._pages("ListAudits", rpc.ListAuditsRequest(target=target, audit_name=audit_name,
-                                                               page_size=page_size), limit)
+                                                               page_size=page_size), limit, AuditHistory)
 
     # ------------------------------------------------------------------ datasets
     def upload_dataset(self, data: Union[str, Path, bytes, tuple], *, name: str = "", split: str = "train",
@@ -493,7 +585,7 @@ class Client:
                                          domain=res.REAL if domain.lower() == "real" else res.IMAGE,
                                          class_names=list(class_names))
         parts = [res.UploadDatasetRequest(header=header)] + [res.UploadDatasetRequest(chunk=c) for c in _chunks(payload)]
-        return self.stub.UploadDataset(iter(parts), metadata=self.metadata, timeout=max(self.timeout, 600.0))
+        return self._upload("UploadDataset", parts, max(self.timeout, 600.0))
 
     def get_dataset(self, dataset_id: str) -> res.Dataset:
         return self._call("GetDataset", res.GetDatasetRequest(dataset_id=dataset_id))
@@ -505,28 +597,158 @@ class Client:
 
     def list_datasets_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[res.Dataset], str]:
         """One page of datasets and the next page's token ("" after the last page)."""
-        resp = self._call("ListDatasets", res.ListDatasetsRequest(page_size=page_size, page_token=page_token))
-        return list(resp.datasets), resp.next_page_token
-
-    def _pages(self, method: str, request, limit: Optional[int] = None) -> list:
-        """The items of every page of a list RPC (or the first `limit`), following next_page_token."""
-        items: list = []
-        seen: set[str] = set()
-        while limit is None or len(items) < limit:
-            resp = self._call(method, request)
-            field = resp.DESCRIPTOR.fields_by_number[1].name  # models, datasets, operations, records
-            items.extend(getattr(resp, field))
-            token = resp.next_page_token
-            if not token:
-                break
-            if token in seen:  # a server that does not advance: stop rather than loop
-                raise RuntimeError(f"{method}: the server answered the same next_page_token twice")
-            seen.add(token)
-            request.page_token = token
-        return items if limit is None else items[:limit]
+        return self._call("ListDatasets", res.ListDatasetsRequest(page_size=page_size, page_token=page_token),
+                          lambda resp: (list(resp.datasets), resp.next_page_token))
 
     def delete_dataset(self, dataset_id: str) -> None:
-        self._call("DeleteDataset", res.DeleteDatasetRequest(dataset_id=dataset_id))
+        return self._call("DeleteDataset", res.DeleteDatasetRequest(dataset_id=dataset_id), _nothing)
+
+
+class Client(_Api):
+    """advex client. target: "host:port". token: bearer token if the server requires one.
+    tls: False (plaintext), True for TLS with the system roots, or the root certificates to trust
+    (PEM bytes, or the path of a PEM file). client_cert, client_key: the client certificate chain
+    and its private key for servers that require mutual TLS (PEM bytes or paths; both or
+    neither; they imply TLS). Every call blocks; AsyncClient has the same methods for asyncio."""
+
+    def __init__(self, target: str = "localhost:50051", token: Optional[str] = None,
+                 tls: Union[bool, PEM] = False, timeout: float = 60.0, *,
+                 client_cert: Optional[PEM] = None, client_key: Optional[PEM] = None) -> None:
+        creds, options = _channel_settings(tls, client_cert, client_key)
+        self.channel = (grpc.insecure_channel(target, options=options) if creds is None
+                        else grpc.secure_channel(target, creds, options=options))
+        self.stub = rpc_grpc.RobustnessStub(self.channel)
+        super().__init__(target, token, timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server accepts connections."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def _op(self, proto: op_pb.Operation) -> Operation:
+        return Operation(self, proto)
+
+    def _blocking(self) -> "Client":
+        return self
+
+    def _unary(self, method: str, request, timeout: float, then=None):
+        r = getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        return r if then is None else then(r)
+
+    def _upload(self, method: str, parts: list, timeout: float):
+        return getattr(self.stub, method)(iter(parts), metadata=self.metadata, timeout=timeout)
+
+    def _download(self, method: str, request, timeout: float, then):
+        return then(list(getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)))
+
+    def _pages(self, method: str, request, limit: Optional[int] = None, then=list):
+        pager = _Pager(method, request, limit)
+        while pager.take(self._unary(method, request, self.timeout)):
+            pass
+        return then(pager.items)
+
+
+class AsyncClient(_Api):
+    """The client for asyncio (grpc.aio): the methods of Client, each a coroutine, so that a
+    notebook or a pipeline step can run several operations at once::
+
+        async with AsyncClient("localhost:50051") as c:
+            ops = [await c.evaluate(m, "cifar10", attacks=[...]) for m in model_ids]
+            results = await asyncio.gather(*(op.result() for op in ops))
+
+    Long operations are AsyncOperation handles (`await op.result()`); `watch_operation` is an
+    async iterator. Same arguments as Client; create it inside the running event loop."""
+
+    def __init__(self, target: str = "localhost:50051", token: Optional[str] = None,
+                 tls: Union[bool, PEM] = False, timeout: float = 60.0, *,
+                 client_cert: Optional[PEM] = None, client_key: Optional[PEM] = None) -> None:
+        creds, options = _channel_settings(tls, client_cert, client_key)
+        self.channel = (grpc.aio.insecure_channel(target, options=options) if creds is None
+                        else grpc.aio.secure_channel(target, creds, options=options))
+        self.stub = rpc_grpc.RobustnessStub(self.channel)
+        super().__init__(target, token, timeout)
+        self._settings = dict(target=target, token=token, tls=tls, timeout=timeout, client_cert=client_cert,
+                              client_key=client_key)
+        self._sync: Optional[Client] = None
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self._sync is not None:
+            self._sync.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the server accepts connections."""
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    def _op(self, proto: op_pb.Operation) -> AsyncOperation:
+        return AsyncOperation(self, proto)
+
+    def _blocking(self) -> Client:
+        """A blocking twin on the same server (for what a result fetches when drawn, outside the loop)."""
+        if self._sync is None:
+            self._sync = Client(**self._settings)
+        return self._sync
+
+    async def _unary(self, method: str, request, timeout: float, then=None):
+        r = await getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        return r if then is None else then(r)
+
+    async def _upload(self, method: str, parts: list, timeout: float):
+        return await getattr(self.stub, method)(iter(parts), metadata=self.metadata, timeout=timeout)
+
+    async def _download(self, method: str, request, timeout: float, then):
+        return then([msg async for msg in getattr(self.stub, method)(request, metadata=self.metadata,
+                                                                     timeout=timeout)])
+
+    async def _pages(self, method: str, request, limit: Optional[int] = None, then=list):
+        pager = _Pager(method, request, limit)
+        while pager.take(await self._unary(method, request, self.timeout)):
+            pass
+        return then(pager.items)
+
+
+class _Pager:
+    """The items of every page of a list RPC (or the first `limit`), following next_page_token."""
+
+    def __init__(self, method: str, request, limit: Optional[int]) -> None:
+        self.method, self.request, self.limit = method, request, limit
+        self._items: list = []
+        self._seen: set[str] = set()
+
+    def take(self, resp) -> bool:
+        """Keep a page's items; True when another page is wanted (the request then asks for it)."""
+        field = resp.DESCRIPTOR.fields_by_number[1].name  # models, datasets, operations, records
+        self._items.extend(getattr(resp, field))
+        token = resp.next_page_token
+        if not token or (self.limit is not None and len(self._items) >= self.limit):
+            return False
+        if token in self._seen:  # a server that does not advance: stop rather than loop
+            raise RuntimeError(f"{self.method}: the server answered the same next_page_token twice")
+        self._seen.add(token)
+        self.request.page_token = token
+        return True
+
+    @property
+    def items(self) -> list:
+        return self._items if self.limit is None else self._items[:self.limit]
+
+
+def _nothing(_response) -> None:
+    return None
 
 
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -534,8 +756,10 @@ _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDe
 
 
 def to_dict(message) -> dict:
-    """A protobuf message as plain Python (field names as in the .proto). Unlike protobuf's JSON
-    mapping, 64-bit integers stay numbers (the JSON mapping writes them as strings)."""
+    """A protobuf message (or a result that wraps one) as plain Python (field names as in the
+    .proto). Unlike protobuf's JSON mapping, 64-bit integers stay numbers (the JSON mapping writes
+    them as strings)."""
+    message = getattr(message, "proto", message)
     return _numbers(message.DESCRIPTOR, json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
