@@ -140,3 +140,73 @@ def test_a_frozen_model_computes_the_same_function_without_batch_norm_or_paramet
         g_frozen, = torch.autograd.grad(frozen(x)[:, 0].sum(), x)
         g_model, = torch.autograd.grad(model(x)[:, 0].sum(), x)
         assert torch.allclose(g_frozen, g_model, atol=1e-4, rtol=1e-3)
+
+
+def test_square_on_a_gpu_schedule_drops_successes_every_few_iterations_and_counts_only_live_queries(
+        ten_class_model, monkeypatch):
+    """Square with the GPU's compaction (every COMPACT_EVERY iterations): an example that succeeded
+    between two compactions is still in the batch, but its point, margin and query count stay."""
+    from advex.engine import square
+
+    monkeypatch.setattr(square, "compaction_interval", lambda device: COMPACT_EVERY)
+    x, y = ten_class_data(48, seed=12)
+    m = Counting(ten_class_model)
+    budget = 6 * COMPACT_EVERY + 1
+    res = square.square_attack(m, x, y, norm="Linf", eps=0.15, queries=budget, seed=5)
+    sizes = [b for b, _ in m.forwards]
+    assert sizes[0] == len(y) and len(sizes) <= budget
+    assert all(sizes[t] == sizes[t - 1] for t in range(2, len(sizes)) if (t - 1) % COMPACT_EVERY)
+    # each success's count is the queries until it succeeded: never more than the batch was run
+    assert int(res.queries.max()) <= len(sizes)
+    assert bool((res.queries[res.success] < len(sizes)).any())
+    assert torch.equal(res.success, predict(ten_class_model, res.x) != y)
+    assert float((res.x - x).abs().max()) <= 0.15 + 1e-6
+    again = square.square_attack(ten_class_model, x, y, norm="Linf", eps=0.15, queries=budget, seed=5)
+    assert torch.equal(again.x, res.x) and torch.equal(again.queries, res.queries)
+
+
+def test_sixteen_bit_passes_agree_with_fp32_within_the_interval(ten_class_model):
+    """bf16 and fp16 autocast (as on a GPU; here CPU autocast): logits come back fp32, gradients
+    reach the input (fp16 through its gradient scaling), and robust accuracy under PGD agrees
+    with fp32 within its 95% interval."""
+    import copy
+
+    import pytest
+
+    from advex.engine.models import resolve_precision
+    from advex.engine.stats import clopper_pearson
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", torch.device("cpu"))
+    x, y = ten_class_data(600, seed=13)
+    cfg = AttackConfig(norm="L2", eps=0.6, steps=10, seed=6)
+    reference = attack(ten_class_model, x, y, cfg)
+    robust = int((~reference.success & (reference.clean_pred == y)).sum())
+    lo, hi = clopper_pearson(robust, len(y))
+    assert 0.1 < robust / len(y) < 0.9
+    probe = x[:16].clone().requires_grad_(True)
+    g32, = torch.autograd.grad(ten_class_model(probe)[:, 0].sum(), probe)
+    for precision in ("bf16", "fp16"):
+        model = copy.deepcopy(ten_class_model).set_precision(precision, "cpu")
+        assert model.precision == precision and model(x[:4]).dtype == torch.float32
+        g16, = torch.autograd.grad(model(probe)[:, 0].sum(), probe)
+        assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
+        out = attack(model, x, y, cfg)
+        k = int((~out.success & (out.clean_pred == y)).sum())
+        assert lo <= k / len(y) <= hi, (precision, k, robust)
+        assert float((out.x_adv - x).flatten(1).norm(dim=1).max()) <= 0.6 + 1e-5  # the iterate is fp32, in the ball
+        assert out.x_adv.dtype == torch.float32
+
+
+def test_fp16_gradient_scaling_keeps_small_gradients_that_fp16_alone_loses():
+    from advex.engine.models import FP16_GRAD_SCALE, ModelInfo, ModelWrapper
+
+    net = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1e-6, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+        net.bias.zero_()
+    model = ModelWrapper(net, ModelInfo("linear", (4,), 2)).set_precision("fp16", "cpu")
+    x = torch.ones(3, 4, requires_grad=True)
+    g, = torch.autograd.grad(model(x)[:, 0].sum() * 1e-3, x)  # 1e-9 per coordinate: under fp16's smallest
+    assert FP16_GRAD_SCALE > 1 and torch.allclose(g[:, 0], torch.full((3,), 1e-9), rtol=0.05)

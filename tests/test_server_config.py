@@ -313,3 +313,25 @@ def test_given_data_roots_come_first_and_the_default_root_always_last(tmp_path):
                                              "--metrics-port", "0", "--data-dir", str(tmp_path / "d")]), env={})
     with InProcessServer(cfg) as srv, Client(srv.target) as c:
         assert {"fashion-mnist", "tsipras"} <= {d.id for d in c.list_datasets()}
+
+
+def test_the_precision_setting_reaches_every_loaded_model_and_bf16_results_stay_in_fp32s_interval(tmp_path):
+    """--precision: models loaded for attacks run as asked (auto is fp32 on the CPU), frozen; an
+    evaluation in bf16 (CPU autocast here) lands inside the fp32 evaluation's 95% interval."""
+    from advex.engine.models import PRECISIONS
+    from advex.service.inprocess import InProcessServer
+
+    assert config_mod.PRECISIONS == PRECISIONS
+    found = {}
+    for precision in ("auto", "bf16"):
+        with InProcessServer(data_dir=str(tmp_path / precision), data_roots=[], precision=precision) as srv, \
+                Client(srv.target) as c:
+            model_id = c.train("mlp", "tsipras", epochs=1, limit=2000, seed=1).result(progress=False).model_id
+            wrapper = srv.running.registry.load_model(model_id)[1]
+            assert wrapper.precision == ("fp32" if precision == "auto" else "bf16")
+            assert not any(p.requires_grad for p in wrapper.parameters())
+            found[precision] = c.evaluate(model_id, "tsipras", limit=1000,
+                                          attacks=[{"norm": "Linf", "eps": [0.3], "steps": 10}]).result(progress=False)
+    fp32, bf16 = found["auto"].robust[0], found["bf16"].robust[0]
+    assert fp32.robust_accuracy_ci.lower <= bf16.robust_accuracy <= fp32.robust_accuracy_ci.upper
+    assert 0.05 < fp32.robust_accuracy < 0.95

@@ -34,6 +34,42 @@ class ModelWrapper(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         self._normalize = bool(info.mean) or bool(info.std)
+        self.precision = "fp32"  # see set_precision
+        self._autocast: Optional[tuple[str, torch.dtype]] = None
+        self._channels_last = False
+
+    def set_precision(self, precision: str, device: torch.device | str = "cpu") -> "ModelWrapper":
+        """How the network's passes run on `device`: "fp32", "bf16" or "fp16" (autocast: the
+        network's matrix products in 16 bits, its outputs returned in fp32; fp16 scales the gradient
+        that flows back through the network by FP16_GRAD_SCALE and unscales it at the input, so that
+        small gradients do not vanish), or "auto": bf16 on a CUDA GPU that has it, fp16 on an older
+        one, fp32 on the CPU. On CUDA a convolutional network also runs channels-last. Everything
+        outside the network (the iterate, the projection, the objective) stays fp32."""
+        device = torch.device(device)
+        precision = resolve_precision(precision, device)
+        self.precision = precision
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self._autocast = None if dtype is None else (device.type, dtype)
+        self._channels_last = device.type == "cuda" and len(self.info.input_shape) == 3 and isinstance(self.net, nn.Module) \
+            and not isinstance(self.net, torch.jit.ScriptModule)
+        if self._channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        return self
+
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        z = self.normalize(x)
+        if self._channels_last and z.dim() == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        if self._autocast is None:
+            return fn(z)
+        device_type, dtype = self._autocast
+        scale = FP16_GRAD_SCALE if dtype == torch.float16 else 1.0
+        if scale != 1.0 and z.requires_grad:
+            z = _GradScale.apply(z, 1.0 / scale)
+        with torch.autocast(device_type, dtype=dtype):
+            out = fn(z)
+        out = out.float()
+        return _GradScale.apply(out, scale) if scale != 1.0 and out.requires_grad else out
 
     @property
     def has_gradients(self) -> bool:
@@ -49,13 +85,13 @@ class ModelWrapper(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: float32 [N, *input_shape] in [0,1] -> logits float32 [N, num_classes]."""
-        return self.net(self.normalize(x))
+        return self._run(self.net, x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer representation g(x): float32 [N, F]."""
         if not self.has_features:
             raise NotImplementedError("this model exposes no penultimate layer (features)")
-        return self.net.features(self.normalize(x)).flatten(1)
+        return self._run(self.net.features, x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x)
@@ -67,6 +103,34 @@ class ModelWrapper(nn.Module):
         except NotImplementedError:  # torch.export programs keep the mode they were exported in
             pass
         return self
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FP16_GRAD_SCALE = 1024.0  # input gradients of a loss on logits are at most ~1 per logit: no overflow
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on CUDA GPUs that support it, fp16 on older CUDA GPUs, fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 def freeze(model: ModelWrapper) -> ModelWrapper:

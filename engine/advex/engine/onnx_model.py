@@ -8,6 +8,7 @@ declaration when the model is loaded.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import tempfile
@@ -90,8 +91,11 @@ class OnnxNet(nn.Module):
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """An ONNX graph of `model` (the whole wrapper, normalization included: it takes NCHW in
-    [0,1]) with a dynamic batch dimension, through torch.onnx's exporter."""
-    model = model.eval().cpu()
+    [0,1]) with a dynamic batch dimension, through torch.onnx's exporter. The model itself is left
+    as it is (a copy goes to the CPU, in fp32)."""
+    model = copy.deepcopy(model).eval().cpu()
+    if hasattr(model, "set_precision"):
+        model.set_precision("fp32", "cpu")
     example = torch.rand((2, *input_shape))
     batch = torch.export.Dim("batch", min=1)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

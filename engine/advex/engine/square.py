@@ -7,7 +7,9 @@ independently for every example) and keeps it when the loss improves or the exam
 misclassified. The window covers a fraction p of the image; p starts at p_init = 0.8 and is halved
 at the paper's milestones (given for 10,000 iterations and rescaled to the budget). One iteration
 costs one query per example still being attacked; the starting point costs one more. Examples stop
-as soon as they are misclassified (or reach the target).
+as soon as they are misclassified (or reach the target). Random numbers are drawn on the inputs'
+device and the best points are updated with torch.where; the batch drops its successes at every
+iteration on the CPU and every few on a GPU (optimize.compaction_interval), the only read-back.
 
 Linf (the paper's Algorithm 2): start from vertical stripes of +-eps (one sign per channel and
 column); a proposal sets a window of side s = max(round(sqrt(p * h * w)), 1) to +-eps with one
@@ -36,6 +38,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from advex.engine.optimize import compaction_interval
 from advex.engine.threat import Box
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -124,14 +127,14 @@ def meta_pseudo_gaussian(a: int, b: int, device="cpu") -> torch.Tensor:
 
 
 def _signs(shape, gen: torch.Generator, device) -> torch.Tensor:
-    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(device=device, dtype=torch.float32)
+    return (torch.randint(0, 2, shape, generator=gen, device=device) * 2 - 1).to(dtype=torch.float32)
 
 
 def _place(m: int, h: int, w: int, sh: int, sw: int, gen: torch.Generator, device):
     """One random sh x sw window per example: (mask bool [m, 1, h, w], row and column offsets inside
     the window, int64 [m, 1, h, 1] and [m, 1, 1, w], clamped to the window)."""
-    top = torch.randint(0, h - sh + 1, (m,), generator=gen).to(device)
-    left = torch.randint(0, w - sw + 1, (m,), generator=gen).to(device)
+    top = torch.randint(0, h - sh + 1, (m,), generator=gen, device=device)
+    left = torch.randint(0, w - sw + 1, (m,), generator=gen, device=device)
     dr = torch.arange(h, device=device)[None, :] - top[:, None]   # [m, h]
     dc = torch.arange(w, device=device)[None, :] - left[:, None]  # [m, w]
     in_r = (dr >= 0) & (dr < sh)
@@ -147,7 +150,7 @@ def _l2_init(n: int, c: int, h: int, w: int, eps: float, gen: torch.Generator, d
     oh, ow = max((h - 5 * bh) // 2, 0), max((w - 5 * bw) // 2, 0)
     nh, nw = (h - oh) // bh, (w - ow) // bw
     eta = meta_pseudo_gaussian(bh, bw, device)                                # [2, bh, bw]
-    orient = torch.randint(0, 2, (n, 1, nh, nw), generator=gen).to(device)
+    orient = torch.randint(0, 2, (n, 1, nh, nw), generator=gen, device=device)
     sign = _signs((n, c, nh, nw), gen, device)
     blocks = eta[orient.expand(n, 1, nh, nw)]                                 # [n, 1, nh, nw, bh, bw]
     blocks = blocks * sign[..., None, None]                                   # [n, c, nh, nw, bh, bw]
@@ -175,7 +178,7 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
     if loss not in ("margin", "ce"):
         raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
     p_init = 0.8 if p_init is None else p_init
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=x.device).manual_seed(seed)  # random numbers made where they are used
     shape = x.shape
     xi = _as_images(x.detach())
     n, c, h, w = xi.shape
@@ -204,10 +207,13 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
     everyone = torch.arange(n, device=dev)
     margin, best = query(x_best, everyone)
     spent = torch.ones(n, dtype=torch.long, device=dev)  # the starting point's query
+    every, active = compaction_interval(dev), everyone
     for it in range(iters):
-        active = (margin > 0).nonzero().flatten()
-        if active.numel() == 0:
-            break
+        if it % every == 0:  # successes leave the batch (the only read-back from the device)
+            active = active[margin[active] > 0]
+            if active.numel() == 0:
+                break
+        live = margin[active] > 0  # between compactions a success is neither counted nor changed
         m = active.numel()
         p = p_schedule(p_init, it, iters)
         x0 = xi[active]
@@ -216,8 +222,8 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
             sh, sw = _sides(p, h, w, 1, odd=False)
             window, _, _ = _place(m, h, w, sh, sw, gen, dev)
             signs = _signs((m, c, 1, 1), gen, dev)
-            flip = torch.randint(0, 2, (m, c, 1, 1), generator=gen).to(dev).bool()
-            forced = torch.randint(0, c, (m,), generator=gen).to(dev)
+            flip = torch.randint(0, 2, (m, c, 1, 1), generator=gen, device=dev).bool()
+            forced = torch.randint(0, c, (m,), generator=gen, device=dev)
             target_vals = clip(x0 + eps * signs)
             same = ((target_vals - cur).abs() <= 1e-7) | ~window
             unchanged = same.flatten(1).all(1)
@@ -232,7 +238,7 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
             w1, r1, c1 = _place(m, h, w, sh, sw, gen, dev)
             w2, _, _ = _place(m, h, w, sh, sw, gen, dev)
             eta = meta_pseudo_gaussian(sh, sw, dev)                         # [2, sh, sw]
-            orient = torch.randint(0, 2, (m,), generator=gen).to(dev).view(m, 1, 1, 1)
+            orient = torch.randint(0, 2, (m,), generator=gen, device=dev).view(m, 1, 1, 1)
             bump = eta[orient, r1, c1] * w1 * _signs((m, c, 1, 1), gen, dev)  # [m, c, h, w], unit norm per channel
             unused = (eps ** 2 - nu.flatten(1).pow(2).sum(1)).clamp_min(0).view(m, 1, 1, 1)
             in_w1 = nu * w1
@@ -245,12 +251,11 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
             new = eps * new / new.flatten(1).norm(dim=1).clamp_min(_TINY).view(m, 1, 1, 1)
             candidate = clip(x0 + new)
         new_margin, new_loss = query(candidate, active)
-        spent[active] += 1
-        better = (new_loss < best[active]) | (new_margin <= 0)
-        take = active[better]
-        x_best[take] = candidate[better]
-        margin[take] = new_margin[better]
-        best[take] = new_loss[better]
+        spent.index_add_(0, active, live.long())
+        better = live & ((new_loss < best[active]) | (new_margin <= 0))
+        x_best.index_copy_(0, active, torch.where(better.view(m, 1, 1, 1), candidate, x_best[active]))
+        margin.index_copy_(0, active, torch.where(better, new_margin, margin[active]))
+        best.index_copy_(0, active, torch.where(better, new_loss, best[active]))
         if on_step is not None:
             on_step(it + 1, iters)
     return SquareResult(x_best.reshape(shape), margin <= 0, spent)

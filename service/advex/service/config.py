@@ -86,6 +86,9 @@ def _check_credentials(value: list) -> Optional[str]:
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # advex.engine.models.PRECISIONS (no torch import here)
+
+
 def _check_device(value: str) -> Optional[str]:
     return None if DEVICE_PATTERN.match(value) else "one of auto, cpu, cuda, cuda:N"
 
@@ -124,6 +127,11 @@ class ServerConfig:
     device: str = _setting(
         "auto", check=_check_device, metavar="DEVICE",
         help="where models run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    precision: str = _setting(
+        "auto", check=lambda v: None if v in PRECISIONS else "one of " + ", ".join(PRECISIONS), metavar="P",
+        help="how models run in attacks, evaluations and builds: auto (bf16 on CUDA GPUs that have it, fp16 "
+             "with gradient scaling on older ones, fp32 on the CPU), fp32, bf16 or fp16; the attack's iterate, "
+             "projection and objective stay fp32, and 16-bit results agree with fp32 within their intervals")
     workers: int = _setting(
         1, minimum=1, metavar="N",
         help="long operations (train, evaluate, export, ...) that run at the same time")

@@ -591,8 +591,9 @@ class Registry:
         path = self.store.get_resource("models", model_id, res.Model)[1]
 
         def make() -> ModelWrapper:  # frozen: for attacks and inference only (training builds its own)
-            return freeze(load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device,
-                                     record.spec.layout, record.spec.value_range))
+            model = freeze(load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device,
+                                      record.spec.layout, record.spec.value_range))
+            return model.set_precision(self.config.precision, self.device)
 
         with self._lock:
             return record, self._models.get_or(model_id, make)
