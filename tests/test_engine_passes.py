@@ -210,3 +210,45 @@ def test_fp16_gradient_scaling_keeps_small_gradients_that_fp16_alone_loses():
     x = torch.ones(3, 4, requires_grad=True)
     g, = torch.autograd.grad(model(x)[:, 0].sum() * 1e-3, x)  # 1e-9 per coordinate: under fp16's smallest
     assert FP16_GRAD_SCALE > 1 and torch.allclose(g[:, 0], torch.full((3,), 1e-9), rtol=0.05)
+
+
+def test_batch_augmentation_is_the_per_image_crop_and_flip_in_one_gather():
+    import torch.nn.functional as F
+
+    from advex.engine.train import augment_batch
+
+    def one_at_a_time(x, generator):  # the definition: pad, crop at (dy, dx), flip when drawn
+        n, _, h, w = x.shape
+        pad = 4 if h >= 32 else 2
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+        flip = (torch.rand(n, generator=generator) < 0.5).tolist()
+        crops = [padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]
+        return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip)])
+
+    for shape in ((40, 3, 32, 32), (17, 1, 28, 28)):
+        x = torch.rand(shape)
+        assert torch.equal(augment_batch(x, torch.Generator().manual_seed(5)),
+                           one_at_a_time(x, torch.Generator().manual_seed(5)))
+
+
+def test_training_reads_its_running_sums_back_once_per_epoch(monkeypatch):
+    from advex.engine import zoo
+    from advex.engine.data import ArrayDataset
+    from advex.engine.models import ModelInfo, ModelWrapper
+    from advex.engine.train import TrainConfig, train
+
+    x, y = ten_class_data(640, seed=14)
+    data = ArrayDataset((x * 255).round().to(torch.uint8), y, 10, "image", [str(k) for k in range(10)])
+    torch.manual_seed(0)
+    model = ModelWrapper(zoo.build("mlp", (1, 8, 8), 10), ModelInfo("mlp", (1, 8, 8), 10))
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name: reads.append(_name)
+                            or _real(t, *a))
+    history = train(model, data, TrainConfig(epochs=2, batch_size=32, lr=0.1, schedule="constant"))
+    monkeypatch.undo()
+    assert len(history) == 2 and history[1].train_accuracy > 0.5  # 40 batches, learned
+    assert len(reads) <= 2 * 3, reads  # per epoch: the loss sum and the two counts

@@ -90,18 +90,20 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding 4 for 32x32, 2 for smaller) + horizontal flip. x: [N,C,H,W]."""
-    n, _, h, w = x.shape
+    """Random crop (zero padding 4 for 32x32, 2 for smaller) + horizontal flip. x: [N,C,H,W] on any
+    device; the offsets and flips are drawn from `generator` (CPU, so runs repeat on any device) and
+    applied to the whole batch at once with one gather where x is."""
+    n, c, h, w = x.shape
     pad = 4 if h >= 32 else 2
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    flip = (torch.rand(n, generator=generator) < 0.5).tolist()
-    out = torch.empty_like(x)
-    for i in range(n):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)                     # [n, h]
+    cols = (dx[:, None] + torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w))).to(x.device)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 @dataclass
@@ -165,6 +167,22 @@ def load_state(path: str | Path) -> TrainState:
         raise ValueError(f"{path} is not a training checkpoint: {exc}") from exc
 
 
+#: Training data goes to the GPU (as stored: uint8 images stay uint8) when it takes at most this
+#: share of the GPU's free memory; batches are then gathered, converted and augmented there.
+DEVICE_DATA_SHARE = 0.25
+
+
+def on_device(data: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) where batches are gathered: on a CUDA device when the data fits (DEVICE_DATA_SHARE of
+    its free memory), else where they are (the host), copied a batch at a time."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        size = data.x.element_size() * data.x.nelement() + data.y.element_size() * data.y.nelement()
+        if size <= DEVICE_DATA_SHARE * free:
+            return data.x.to(device), data.y.to(device)
+    return data.x, data.y
+
+
 EpochCallback = Callable[[EpochStats], None]
 BatchCallback = Callable[[int, int], None]
 StateCallback = Callable[[TrainState], None]
@@ -183,7 +201,9 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
     cfg.validate()
     if cfg.augment and data.x.dim() != 4:
         raise ValueError("augment needs image data [N,C,H,W]")
+    device = torch.device(device)
     model.to(device)
+    xs, ys = on_device(data, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -203,10 +223,15 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
         done, first_epoch, position, order = resume.batches, resume.epoch, resume.position, resume.order
         loss_sum, correct, robust_correct = resume.loss_sum, resume.correct, resume.robust_correct
 
+    # the epoch's running sums stay on the device: nothing is read back per batch
+    sums = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+    counts = torch.tensor([correct, robust_correct], dtype=torch.long, device=device)
+
     def state(epoch: int) -> TrainState:
         momentum = {i: opt.state[p]["momentum_buffer"] for i, p in enumerate(params)
                     if opt.state.get(p, {}).get("momentum_buffer") is not None}
-        return TrainState(epoch, position, done, order, loss_sum, correct, robust_correct, gen.get_state(),
+        hits = counts.tolist()
+        return TrainState(epoch, position, done, order, float(sums[0]), hits[0], hits[1], gen.get_state(),
                           torch.get_rng_state(), model.state_dict(), momentum, list(history))
 
     for epoch in range(first_epoch, cfg.epochs):
@@ -216,12 +241,13 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
             group["lr"] = lr
         if order is None:
             order = torch.randperm(n, generator=gen)
+        order_here = order.to(xs.device)  # one copy of the epoch's order where the data is
         while position < n:
-            idx = order[position:position + cfg.batch_size]
-            x = batch_float(data.x[idx])
+            idx = order_here[position:position + cfg.batch_size]
+            x = batch_float(xs[idx])
             if cfg.augment:
                 x = augment_batch(x, gen)
-            x, y = x.to(device), data.y[idx].to(device)
+            x, y = x.to(device), ys[idx].to(device)
             if cfg.adversarial is not None:
                 model.eval()
                 adv_cfg = replace(cfg.adversarial, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -234,15 +260,15 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            hits = int((out.argmax(1) == y).sum())
-            if cfg.adversarial is not None:
-                robust_correct += hits
-                with torch.no_grad():
+            with torch.no_grad():
+                sums += loss.detach().double() * len(idx)
+                hits = (out.argmax(1) == y).sum()
+                if cfg.adversarial is not None:
+                    counts[1] += hits
                     model.eval()
-                    correct += int((model.logits(x).argmax(1) == y).sum())
-            else:
-                correct += hits
+                    counts[0] += (model.logits(x).argmax(1) == y).sum()
+                else:
+                    counts[0] += hits
             done += 1
             position += len(idx)
             if on_batch is not None:
@@ -253,11 +279,14 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
                         model.eval()
                         on_interrupt(state(epoch))
                     raise
+        loss_sum, (correct, robust_correct) = float(sums[0]), counts.tolist()  # one read-back per epoch
         stats = EpochStats(epoch + 1, loss_sum / n, correct / n,
                            robust_correct / n if cfg.adversarial is not None else float("nan"),
                            lr, time.perf_counter() - t0)
         history.append(stats)
-        position, order, loss_sum, correct, robust_correct = 0, None, 0.0, 0, 0
+        position, order = 0, None
+        sums.zero_()
+        counts.zero_()
         if on_checkpoint is not None:
             on_checkpoint(state(epoch + 1))
         if on_epoch is not None:
