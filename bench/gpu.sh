@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU engine's figures in one command (bench/gpu.py): advex vs torchattacks PGD on ResNet-18 and
+# ResNet-50 at batch 512 (L2, Linf; images/s, ratio, MFU), the AutoAttack cascade vs torchattacks',
+# D_R on 4,096 images x 100 steps, one training epoch. Results: bench/results/gpu_<device>.{json,md}.
+#   bash bench/gpu.sh                         # CIFAR-10 from $ADVEX_DATA_ROOT (or ../shared/data)
+#   bash bench/gpu.sh --small                 # toy sizes on the CPU: checks that it all runs
+#   bash bench/gpu.sh --data-root .gpu/data   # on the lent GPU machine (see bench/README.md)
+# Works from a checkout with the repo's .venv, or with a system Python that has torch (the GPU
+# machine's image): advex is then imported from the checkout, and torchattacks (with scipy) is
+# installed from .gpu/wheels when it is missing there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+fi
+export PYTHONPATH="$PWD/protos:$PWD/client:$PWD/engine:$PWD/service${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$py" -c "import torchattacks" 2>/dev/null; then
+  if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-deps .gpu/wheels/*.whl
+  else
+    "$py" -m pip install -q --no-deps torchattacks scipy
+  fi
+fi
+exec "$py" bench/gpu.py "$@"
