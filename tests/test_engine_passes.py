@@ -252,3 +252,16 @@ def test_training_reads_its_running_sums_back_once_per_epoch(monkeypatch):
     monkeypatch.undo()
     assert len(history) == 2 and history[1].train_accuracy > 0.5  # 40 batches, learned
     assert len(reads) <= 2 * 3, reads  # per epoch: the loss sum and the two counts
+
+
+def test_a_black_box_keeps_its_own_precision():
+    from advex.engine.models import ModelInfo, ModelWrapper
+
+    class Box(torch.nn.Module):
+        has_gradients = False
+
+        def forward(self, x):
+            return x.flatten(1)[:, :2]
+
+    model = ModelWrapper(Box(), ModelInfo("onnx", (1, 2, 2), 2)).set_precision("bf16", "cpu")
+    assert model.precision == "fp32" and model(torch.rand(3, 1, 2, 2)).dtype == torch.float32

@@ -44,14 +44,17 @@ class ModelWrapper(nn.Module):
         that flows back through the network by FP16_GRAD_SCALE and unscales it at the input, so that
         small gradients do not vanish), or "auto": bf16 on a CUDA GPU that has it, fp16 on an older
         one, fp32 on the CPU. On CUDA a convolutional network also runs channels-last. Everything
-        outside the network (the iterate, the projection, the objective) stays fp32."""
+        outside the network (the iterate, the projection, the objective) stays fp32. A black box
+        (an ONNX graph) always runs as it was built."""
         device = torch.device(device)
         precision = resolve_precision(precision, device)
+        if not self.has_gradients:  # a black box (ONNX graph) runs as it was built
+            precision = "fp32"
         self.precision = precision
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self._autocast = None if dtype is None else (device.type, dtype)
-        self._channels_last = device.type == "cuda" and len(self.info.input_shape) == 3 and isinstance(self.net, nn.Module) \
-            and not isinstance(self.net, torch.jit.ScriptModule)
+        self._channels_last = (device.type == "cuda" and len(self.info.input_shape) == 3 and self.has_gradients
+                               and not isinstance(self.net, torch.jit.ScriptModule))
         if self._channels_last:
             self.net.to(memory_format=torch.channels_last)
         return self
