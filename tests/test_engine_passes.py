@@ -5,10 +5,11 @@ Counted on a model that records every forward and backward, and checked against 
 own predictions. No step reads a value back from the device (no bool(), .item())."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from advex.engine.attacks import AttackConfig, attack, predict
 from advex.engine import optimize
+from advex.engine.attacks import AttackConfig, attack, predict
 from advex.engine.optimize import COMPACT_EVERY
 
 from conftest import ten_class_data
@@ -171,8 +172,6 @@ def test_sixteen_bit_passes_agree_with_fp32_within_the_interval(ten_class_model)
     with fp32 within its 95% interval."""
     import copy
 
-    import pytest
-
     from advex.engine.models import resolve_precision
     from advex.engine.stats import clopper_pearson
 
@@ -265,3 +264,24 @@ def test_a_black_box_keeps_its_own_precision():
 
     model = ModelWrapper(Box(), ModelInfo("onnx", (1, 2, 2), 2)).set_precision("bf16", "cpu")
     assert model.precision == "fp32" and model(torch.rand(3, 1, 2, 2)).dtype == torch.float32
+
+
+def test_the_batch_for_a_gpu_is_the_largest_that_fits_and_the_cpu_keeps_its_default():
+    from advex.engine.batching import CUDA_CAP, attack_batch, largest_batch
+
+    tried = []
+
+    def trial(batch):  # a device with room for 700 examples
+        tried.append(batch)
+        if batch > 700:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    assert largest_batch(trial, 2048) == 512 and tried == [2048, 1024, 512]
+    with pytest.raises(RuntimeError, match="not even a batch of 1"):
+        largest_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("full")), 8)
+    net = torch.nn.Linear(4, 2)
+    assert attack_batch(net, (4,), torch.device("cpu"), 256) == 256
+    box = torch.nn.Identity()
+    box.has_gradients = False  # a black box is never probed, even on a GPU
+    assert attack_batch(box, (4,), torch.device("cuda"), 256) == 256
+    assert CUDA_CAP >= 1024

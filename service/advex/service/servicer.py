@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from advex.engine import zoo
 from advex.engine.attacks import GRADIENT_FREE, AttackConfig, attack
+from advex.engine.batching import attack_batch
 from advex.engine.builders import BuildConfig, build, summarize
 from advex.engine.evaluate import EvalReport, evaluate, gradient_masking_notes, minimal_distances, robustness_curve
 from advex.engine.models import ModelInfo, ModelWrapper
@@ -284,7 +285,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                 exc.message = field + exc.message[len("model_id"):]
             raise
         if not 0 <= request.batch_size <= 4096:
-            raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
+            raise invalid("batch_size", "must be in [0, 4096] (0 = 256 on the CPU, the largest that fits on a GPU), "
+                                        f"got {request.batch_size}")
         boxed = dataset.domain == res.IMAGE
         sweeps = convert.sweeps(request, self.cfg, int(np.prod(dataset.example_shape)), boxed)
         skipped = []
@@ -298,7 +300,6 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                             f"{sw.config.method} attack cannot run; use method 'square' (black box), or set "
                             "surrogate_model_id to craft it on a torch model (transfer)") for sw in sweeps if sw.config.method not in GRADIENT_FREE]
             sweeps = [sw for sw in sweeps if sw.config.method in GRADIENT_FREE]
-        batch_size = request.batch_size or 256
         distance_norms = convert.distance_norms(request)
         if distance_norms and not model.has_gradients:
             raise precondition(f"minimal_distance: model {model.id!r} is {_black_box(model)} without gradients; "
@@ -312,6 +313,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             _, wrapper = self.registry.load_model(model.id)
             crafter = self.registry.load_model(surrogate.id)[1] if surrogate is not None else None
             data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            # 0: 256 on the CPU, the largest that fits on a GPU
+            batch_size = request.batch_size or attack_batch(wrapper, tuple(data.example_shape), self.device, 256)
             report = evaluate(wrapper, data, sweeps, batch_size=batch_size, device=self.device,
                               on_progress=lambda d, t, s: ctx.progress(d, t, "images", s), surrogate=crafter)
             self.metrics.images.labels("evaluate").inc(report.num_examples + sum(r.clean_correct for r in report.rows))
@@ -656,7 +659,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         if request.limit < 0:
             raise invalid("limit", f"must be >= 0 (0 = all), got {request.limit}")
         if not 0 <= request.batch_size <= 4096:
-            raise invalid("batch_size", f"must be in [0, 4096] (0 = 256), got {request.batch_size}")
+            raise invalid("batch_size", "must be in [0, 4096] (0 = 256 on the CPU, the largest that fits on a GPU), "
+                                        f"got {request.batch_size}")
         cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(dataset.example_shape)),
                                     dataset.domain == res.IMAGE)
         for k, model_id in enumerate(request.source_model_ids):
@@ -669,8 +673,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             t0 = time.perf_counter()
             wrappers = {model_id: self.registry.load_model(model_id)[1] for model_id in models}
             data = self.registry.load_dataset(dataset.id, split).subset(int(request.limit))
+            batch_size = request.batch_size or min(attack_batch(wrappers[m], tuple(data.example_shape), self.device, 256)
+                                                   for m in sources)
             counts = transfer_rates([wrappers[m] for m in sources], [wrappers[m] for m in targets], data, cfg,
-                                    batch_size=request.batch_size or 256, device=self.device,
+                                    batch_size=batch_size, device=self.device,
                                     on_progress=lambda d, t, stage: ctx.progress(d, t, "images", stage))
             self.metrics.images.labels("transfer").inc(len(data) * len(sources))
             out = results.TransferRateResult(definition=TRANSFER_DEFINITION, attack=convert.attack_spec(cfg.resolved()),
