@@ -67,6 +67,20 @@ def require_module(name: str, install_hint: str):
         pytest.skip(msg)
 
 
+def block_import(monkeypatch, package: str) -> None:
+    """Make `import <package>` (and its submodules) fail as if it were not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] == package:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)
+
+
 # ---------------------------------------------------------------- a two-class linear model with known margins
 LINEAR_DIM = 64     # inputs [1, 8, 8]
 LINEAR_MARGIN = 0.5  # |f(x)| of linear_points: the minimal perturbation is MARGIN / ||w||_dual

@@ -4,7 +4,6 @@ with hostile strings in it; the HTML page is parsed, and rendered by headless Ch
 `chromium`, installed by scripts/test.sh) to see that every embedded chart really loads."""
 from __future__ import annotations
 
-import builtins
 import copy
 import json
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_module
+from conftest import block_import, require_module
 
 require_module("matplotlib", "pip install 'advex[plot]'")
 
@@ -189,14 +188,7 @@ def test_hostile_strings_are_escaped_in_html(written):
 
 
 def test_html_without_matplotlib_still_renders(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    block_import(monkeypatch, "matplotlib")
     page = audit_report.render_html(_report())
     assert "<img" not in page
     assert "No charts" in page and "pip install &#x27;advex[plot]&#x27;" in page

@@ -144,12 +144,19 @@ def test_k8s_manifests_as_written_validate():
 
 @pytest.mark.parametrize("folder", [K8S_BASE, K8S_GPU], ids=["base", "gpu"])
 def test_kustomize_renders_valid_manifests(folder):
+    _rendered_and_valid(folder, secrets=1)
+
+
+def _rendered_and_valid(folder: Path, secrets: int) -> list[dict]:
+    """`kubectl kustomize folder`: two ConfigMaps, `secrets` Secrets, every document valid against
+    the Kubernetes schemas, every reference of a pod rendered."""
     docs = _kustomize(folder)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("ConfigMap") == 2 and kinds.count("Secret") == 1, kinds
+    assert kinds.count("ConfigMap") == 2 and kinds.count("Secret") == secrets, kinds
     for doc in docs:
         _validate_k8s(f"kubectl kustomize {folder.relative_to(ROOT)}", doc)
     _check_pod_references(docs)
+    return docs
 
 
 def _check_pod_references(docs: list[dict]) -> None:
@@ -259,12 +266,7 @@ def test_tls_component_is_a_component_with_placeholders():
 
 
 def test_gpu_tls_overlay_renders_valid_manifests():
-    docs = _kustomize(K8S_GPU_TLS)
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("ConfigMap") == 2 and kinds.count("Secret") == 2, kinds
-    for doc in docs:
-        _validate_k8s(f"kubectl kustomize {K8S_GPU_TLS.relative_to(ROOT)}", doc)
-    _check_pod_references(docs)
+    docs = _rendered_and_valid(K8S_GPU_TLS, secrets=2)
     # everything else is the GPU overlay's: the same kinds and names, bar the TLS Secret
     gpu = {(d["kind"], d["metadata"]["name"]) for d in _kustomize(K8S_GPU)}
     tls = {(d["kind"], d["metadata"]["name"]) for d in docs}

@@ -4,13 +4,12 @@ functions are called on synthetic numbers and the Figures they return are measur
 renderer (tick values, text bounding boxes, line data)."""
 from __future__ import annotations
 
-import builtins
 import math
 
 import numpy as np
 import pytest
 
-from conftest import require_module
+from conftest import block_import, require_module
 
 require_module("matplotlib", "pip install 'advex[plot]'")
 
@@ -284,14 +283,7 @@ def test_a_correlation_needs_three_known_points_that_vary():
 
 def test_missing_plot_extra_names_the_install(monkeypatch):
     assert plots.missing_plot_extra() is None
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    block_import(monkeypatch, "matplotlib")
     message = plots.missing_plot_extra()
     assert message and "pip install 'advex[plot]'" in message and "matplotlib" in message
     assert "\n" not in message  # one sentence

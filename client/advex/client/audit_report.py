@@ -206,28 +206,27 @@ def history_table(history: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- charts
 
-def draw_history(history: list[dict], path: str | Path, *, title: str = "") -> "Figure":
-    """The trend of a target's audits (oldest first) as a PNG at `path`: robust accuracy per (norm, eps)
-    over audit time with 95% whiskers (gid "trend <norm> <eps>" lines through the audits that measured
-    it, "whisker" collections), clean accuracy dashed (gid "clean"), the points of failed audits crossed
-    out in red (one scatter, gid "failed"). Times that do not all parse as ISO-8601 give an axis of
-    audits in order. Returns the Figure."""
+def draw_history(history: Sequence[Mapping], path: str | Path | None = None, *, title: str = "") -> "Figure":
+    """The trend of a target's audits (oldest first), also saved as a PNG at `path` when given: robust
+    accuracy per (norm, eps) over audit time with 95% whiskers (gid "trend <norm> <eps>" lines through
+    the audits that measured it, "whisker" collections), clean accuracy dashed (gid "clean"), the
+    points of failed audits crossed out in red (one scatter, gid "failed"). Times that do not all parse
+    as ISO-8601 give an axis of audits in order. Returns the Figure (a notebook shows it)."""
     from matplotlib import rc_context
 
     with rc_context(plots._STYLE):
         fig = _history_figure(history, title)
-        plots._save(fig, path)
-    return fig
+    return plots.shown(fig, path)
 
 
-def draw_robust(target: Mapping, path: str | Path, *, title: str = "") -> "Figure":
-    """Robust accuracy against eps of one report target as a PNG at `path` (chart (a)). Returns the Figure."""
+def draw_robust(target: Mapping, path: str | Path | None = None, *, title: str = "") -> "Figure":
+    """Robust accuracy against eps of one report target (chart (a)), also saved as a PNG at `path` when
+    given. Returns the Figure (a notebook shows it)."""
     from matplotlib import rc_context
 
     with rc_context(plots._STYLE):
         fig = _robust_figure(target, title)
-        plots._save(fig, path)
-    return fig
+    return plots.shown(fig, path)
 
 
 def _percent_axis(ax, values: Sequence[float]) -> None:
@@ -237,6 +236,20 @@ def _percent_axis(ax, values: Sequence[float]) -> None:
     ax.set_ylim(lo, hi)
     ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=list(plots.NICE_STEPS)))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=plots._decimals(step)))
+
+
+def _add_point(x, row: Mapping, xs: list, ys: list, spans: list) -> Optional[float]:
+    """Append a row's accuracy at x (and its 95% interval, as a span at x) when it has one; returns
+    the accuracy, or None."""
+    y = _num(row.get("accuracy"))
+    if y is None:
+        return None
+    xs.append(x)
+    ys.append(y)
+    pair = _ci_pair(row.get("ci"))
+    if pair:
+        spans.append((x, pair))
+    return y
 
 
 def _history_figure(history: Sequence[Mapping], title: str):
@@ -257,18 +270,12 @@ def _history_figure(history: Sequence[Mapping], title: str):
         for x, h in zip(xs, entries):
             row = next((r for r in _list(h.get("robust")) if isinstance(r, Mapping)
                         and _key(r.get("norm"), r.get("eps")) == key), None)
-            y = _num(row.get("accuracy")) if row else None
-            if y is not None:
-                px.append(x)
-                ys.append(y)
-                seen.append(y)
-                pair = _ci_pair(row.get("ci"))
-                if pair:
-                    spans.append((x, pair))
-                    seen.extend(pair)
-                if h.get("passed") is False:
-                    failed_x.append(x)
-                    failed_y.append(y)
+            y = _add_point(x, row, px, ys, spans) if row else None
+            if y is not None and h.get("passed") is False:
+                failed_x.append(x)
+                failed_y.append(y)
+        seen.extend(ys)
+        seen.extend(v for _, p in spans for v in p)
         colour = colours(k % 10)
         ax.plot(px, ys, marker="o", ms=4.5, lw=1.6, color=colour, label=f"robust, {_key_label(key)}",
                 gid=f"trend {_key_label(key)}", zorder=3)
@@ -332,14 +339,7 @@ def _robust_figure(target: Mapping, title: str):
             if clean_ci:
                 spans.append((0.0, clean_ci))
         for eps, r in rows:
-            y = _num(r.get("accuracy"))
-            if y is None:
-                continue
-            xs.append(eps)
-            ys.append(y)
-            pair = _ci_pair(r.get("ci"))
-            if pair:
-                spans.append((eps, pair))
+            _add_point(eps, r, xs, ys, spans)
         seen.extend(ys)
         seen.extend(v for _, p in spans for v in p)
         if spans:

@@ -84,6 +84,11 @@ def _block(title: str, lines: Sequence[str], tables: Sequence[str] = (), verdict
     return "\n".join(out)
 
 
+def _key_values(pairs: Sequence[tuple[str, object]]) -> str:
+    """A two-column table of names and values, without a head."""
+    return html_table(["", ""], [[k, v] for k, v in pairs], header=False)
+
+
 def _png_img(fig, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi="figure")
@@ -131,8 +136,6 @@ class Result:
         """The rows of to_pandas(); by default one row of the message's fields named in _columns."""
         return [{k: getattr(self.proto, k) for k in self._columns}]
 
-    def _key_values(self, pairs: Sequence[tuple[str, object]]) -> str:
-        return html_table(["", ""], [[k, v] for k, v in pairs], header=False)
 
 
 # ----------------------------------------------------------------------------- Evaluate
@@ -200,17 +203,13 @@ class Evaluation(Result):
     def plot(self, path: Union[str, Path, None] = None, *, title: str = "") -> "Figure":
         """Accuracy over eps, one panel per norm: clean accuracy at eps 0, then the worst case over the
         attacks at each eps, with 95% whiskers (the audit report's chart)."""
-        from matplotlib import rc_context
-
-        from advex.client import audit, audit_report, plots
+        from advex.client import audit, audit_report
 
         ev = self.proto
         target = {"robust": audit.robust_rows(ev), "checks": [],
                   "clean": {"accuracy": ev.clean_accuracy, "ci": list(_ci(ev, "clean_accuracy_ci"))
                             if ev.HasField("clean_accuracy_ci") else None}}
-        with rc_context(plots._STYLE):
-            fig = audit_report._robust_figure(target, title or f"{ev.model_id} on {ev.dataset_id}")
-        return plots.shown(fig, path)
+        return audit_report.draw_robust(target, path, title=title or f"{ev.model_id} on {ev.dataset_id}")
 
 
 # ----------------------------------------------------------------------------- TransferRate
@@ -296,7 +295,7 @@ class DatasetBuild(Result):
                       ("feature distance at the start", f"{b.feature_distance_start_mean:.3g}"),
                       ("mean L2 from the start", f"{b.mean_l2_from_start:.3g}")]
         pairs.append(("time", f"{b.wall_seconds:.1f} s on {b.device or 'the server'}"))
-        return _block(f"Dataset build ({b.mode})", [], [self._key_values(pairs)])
+        return _block(f"Dataset build ({b.mode})", [], [_key_values(pairs)])
 
     def plot(self, path: Union[str, Path, None] = None, *, n: int = 10, split: str = "",
              class_names: Sequence[str] = (), title: str = "") -> "Figure":
@@ -357,7 +356,7 @@ class Export(Result):
 
     def _repr_html_(self) -> str:
         e = self.proto
-        return _block("ExportModel", [], [self._key_values([
+        return _block("ExportModel", [], [_key_values([
             ("ONNX model", e.model_id), ("source model", e.source_model_id),
             ("agreement", f"{fmt_rate(e.agreement_rate)} of {e.examples} ({e.disagreements} disagree)"),
             ("max |logit difference|", f"{e.max_abs_logit_difference:.3g}"),
@@ -428,16 +427,12 @@ class Audit(Result):
              title: str = "") -> "Figure":
         """One target's (an index, a model id or a target name) accuracy over eps: clean at eps 0,
         the worst case per eps with 95% whiskers, and each threshold marked met or failed."""
-        from matplotlib import rc_context
-
-        from advex.client import audit, audit_report, plots
+        from advex.client import audit, audit_report
 
         record = self._record(target)
         entry = audit.target_entry(record, [], "model", None)
-        with rc_context(plots._STYLE):
-            verdict = "passed" if record.passed else "FAILED"
-            fig = audit_report._robust_figure(entry, title or f"{_target_name(record)}: {verdict}")
-        return plots.shown(fig, path)
+        verdict = "passed" if record.passed else "FAILED"
+        return audit_report.draw_robust(entry, path, title=title or f"{_target_name(record)}: {verdict}")
 
 
 class AuditHistory(list):
@@ -485,9 +480,7 @@ class AuditHistory(list):
              title: str = "") -> "Figure":
         """The trend of one audit of one model over time (robust accuracy per norm and eps, failed
         runs crossed out); audit_name and model_id choose it when the records hold several."""
-        from matplotlib import rc_context
-
-        from advex.client import audit_report, plots
+        from advex.client import audit_report
 
         chosen = [(r, e) for r, e in self._entries() if (not audit_name or r.audit_name == audit_name)
                   and (not model_id or r.model_id == model_id)]
@@ -496,9 +489,7 @@ class AuditHistory(list):
             raise ValueError("plot() draws one audit of one model; choose with audit_name= and model_id= among: "
                              + (", ".join(f"{a!r} of {m}" for a, m in groups) or "none"))
         name, model = groups[0]
-        with rc_context(plots._STYLE):
-            fig = audit_report._history_figure([e for _, e in chosen], title or f"{name}: {model}")
-        return plots.shown(fig, path)
+        return audit_report.draw_history([e for _, e in chosen], path, title=title or f"{name}: {model}")
 
 
 # ----------------------------------------------------------------------------- Attack
@@ -574,7 +565,7 @@ class AttackResult:
                                                    f"{float(np.max(self.perturbation_norm)):.3g}" if n else "n/a")]
         if self.queries is not None and n:
             pairs.append(("mean queries", f"{float(np.mean(self.queries)):.1f}"))
-        tables = [html_table(["", ""], [[k, v] for k, v in pairs], header=False)]
+        tables = [_key_values(pairs)]
         if n and np.ndim(self.x_adv) == 4:
             from advex.client.plots import missing_plot_extra
 
