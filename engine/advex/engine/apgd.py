@@ -23,14 +23,17 @@ version='rand' with eot_iter=20): every point is evaluated with `eot` forward (a
 and the loss and its gradient are their means, so the step-size schedule and the best-point tracking
 follow the expected loss, as the step does the expected gradient. An iterate (and the clean input)
 counts as misclassified when more than half of its `eot` passes misclassify it (eot = 1: its one
-pass); APGD-T ranks its target classes by the mean clean logits. The caller scores the returned
-point once more (attacks.attack: one fresh pass, as AutoAttack does).
+pass); APGD-T ranks its target classes by the mean clean logits. On a randomized model the caller
+scores the returned point once more (attacks.attack, eot > 1: one fresh pass, as AutoAttack does).
 
-Cost: every step is `eot` forward and `eot` backward passes per attacked example; each run adds
-`eot` forwards (the last iterate is only scored) and the call `eot` forwards (the clean prediction):
-forwards = eot * (1 + runs * (steps + 1)), backwards = eot * runs * steps without early stopping.
-The step loop keeps its state on the device and does not synchronize with the host except at
-checkpoints, where examples already misclassified are dropped (early_stop).
+Cost, APGD-K with R = runs (1 + restarts; APGD-T: times the target classes): K forward+backward
+passes per run (the random start and K - 1 steps) plus one forward for the last iterate, and one
+forward at x for the clean prediction (none for untargeted APGD given `clean_pred` with eot = 1),
+all times `eot`: forwards = eot * (1 + R * (K + 1)), backwards = eot * R * K per example without
+early stopping. The prediction at the returned point and the clean one come with those passes
+(APGDResult.pred, .clean_pred): no further pass. The step loop keeps its state on the device and
+does not synchronize with the host except at checkpoints, where examples already misclassified are
+dropped (early_stop).
 """
 from __future__ import annotations
 
@@ -59,6 +62,9 @@ class APGDResult:
     loss: torch.Tensor       # float [N]: highest loss reached on failed examples (-inf on the others)
     forwards: torch.Tensor   # int64 [N]: forward passes spent on each example
     backwards: torch.Tensor  # int64 [N]: backward passes spent on each example
+    pred: torch.Tensor       # int64 [N]: argmax of the logits at x (the returned point), from the pass(es)
+                             # that scored it (eot > 1: of their mean logits)
+    clean_pred: torch.Tensor # int64 [N]: argmax at the clean input (the caller's clean_pred where used)
 
 
 def checkpoint_fractions() -> list[float]:
@@ -110,6 +116,7 @@ def apgd(
     rho: float = RHO,
     on_step: Optional[Callable[[int, int], None]] = None,
     eot: int = 1,
+    clean_pred: Optional[torch.Tensor] = None,
 ) -> APGDResult:
     """Run APGD on one batch.
 
@@ -124,6 +131,8 @@ def apgd(
     later runs attack only the survivors). False: every example runs every run to the end.
     on_step(step, total): after every step of every run; an exception raised in it stops the attack.
     eot: passes averaged per evaluated point, for randomized models (1 <= eot <= MAX_EOT; see above).
+    clean_pred: int64 [N], the model's predictions at x when the caller has them: untargeted APGD with
+    eot = 1 then spends no pass at x (APGD-T and eot > 1 make their own clean passes and ignore it).
     """
     if norm not in ("L2", "Linf"):
         raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
@@ -145,29 +154,33 @@ def apgd(
     def bc(v: torch.Tensor) -> torch.Tensor:  # [M] -> [M, 1, 1, ...]
         return v.view(-1, *([1] * (x.dim() - 1)))
 
-    with torch.no_grad():
-        clean_logits = forward(x)
-        wrong = (clean_logits.argmax(1) != y).long()
-        for _ in range(eot - 1):  # a randomized model: the mean logits, and a majority of misclassifications
-            logits = forward(x)
-            clean_logits = clean_logits + logits
-            wrong += (logits.argmax(1) != y).long()
-    num_classes = clean_logits.shape[1]
-    forwards = torch.full((n,), eot, dtype=torch.long, device=dev)
+    if clean_pred is not None and not targeted and eot == 1:  # the clean pass is the caller's
+        clean_pred = clean_pred.to(dev, torch.long)
+        success = clean_pred != y
+        forwards = torch.zeros(n, dtype=torch.long, device=dev)
+    else:
+        with torch.no_grad():
+            clean_logits = forward(x)
+            wrong = (clean_logits.argmax(1) != y).long()
+            for _ in range(eot - 1):  # a randomized model: the mean logits, and a majority of misclassifications
+                logits = forward(x)
+                clean_logits = clean_logits + logits
+                wrong += (logits.argmax(1) != y).long()
+        clean_pred = clean_logits.argmax(1)
+        success = 2 * wrong > eot
+        forwards = torch.full((n,), eot, dtype=torch.long, device=dev)
     backwards = torch.zeros(n, dtype=torch.long, device=dev)
-    success = 2 * wrong > eot
     x_out = x.clone()
+    out_pred = clean_pred.clone()  # the prediction at x_out, kept with it
     out_loss = torch.full((n,), -torch.inf, device=dev, dtype=x.dtype)
 
     if targeted:
-        k = min(target_classes, num_classes - 1)
+        k = min(target_classes, clean_logits.shape[1] - 1)
         ranked = clean_logits.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True)[:, :k]
         runs = [(j, r) for j in range(k) for r in range(restarts + 1)]
     else:
         ranked = None
         runs = [(-1, r) for r in range(restarts + 1)]
-    if loss == "dlr" and num_classes < (4 if targeted else 3):  # too few classes for DLR: CE, as AutoAttack does
-        loss = "ce"
     total = steps * len(runs)
     intervals = {}
     ws = checkpoints(steps)
@@ -176,14 +189,14 @@ def apgd(
             intervals[w] = w - w_prev
 
     def loss_fn(logits: torch.Tensor, yc: torch.Tensor, tc: Optional[torch.Tensor]) -> torch.Tensor:
-        if loss == "dlr":
+        if loss == "dlr" and logits.shape[1] >= (4 if targeted else 3):  # fewer classes: CE, as AutoAttack does
             return dlr_loss(logits, yc, tc)
         if tc is None:
             return F.cross_entropy(logits, yc, reduction="none")
         return -F.cross_entropy(logits, tc, reduction="none")
 
     def evaluate_once(v, yc, tc, need_grad):
-        """(loss [M], misclassified [M], grad or None) of one pass at v."""
+        """(loss [M], logits [M, C], grad or None) of one pass at v."""
         if need_grad:
             v = v.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -195,34 +208,40 @@ def apgd(
                 logits = forward(v)
                 value = loss_fn(logits, yc, tc)
             grad = None
-        return value.detach(), logits.detach().argmax(1) != yc, grad
+        return value.detach(), logits.detach(), grad
 
     def evaluate(v, idx, yc, tc, need_grad):
-        """(loss [M], misclassified [M], grad or None) at v, over `eot` passes: the mean loss and
-        gradient, misclassified by more than half of them; counts the passes (no host sync)."""
+        """(loss [M], misclassified [M], prediction [M], grad or None) at v, over `eot` passes: the
+        mean loss and gradient, misclassified by more than half of them, the argmax of the mean
+        logits; counts the passes (no host sync)."""
         passes = torch.full_like(idx, eot)
         forwards.index_add_(0, idx, passes)
         if need_grad:
             backwards.index_add_(0, idx, passes)
-        value, wrong, grad = evaluate_once(v, yc, tc, need_grad)
+        value, logits, grad = evaluate_once(v, yc, tc, need_grad)
+        pred = logits.argmax(1)
         if eot == 1:
-            return value, wrong, grad
-        wrong = wrong.long()
+            return value, pred != yc, pred, grad
+        wrong = (pred != yc).long()
         for _ in range(eot - 1):
-            value_i, wrong_i, grad_i = evaluate_once(v, yc, tc, need_grad)
+            value_i, logits_i, grad_i = evaluate_once(v, yc, tc, need_grad)
             value = value + value_i
-            wrong += wrong_i.long()
+            logits = logits + logits_i
+            wrong += (logits_i.argmax(1) != yc).long()
             if need_grad:
                 grad = grad + grad_i
-        return value / eot, 2 * wrong > eot, grad / eot if need_grad else None
+        return value / eot, 2 * wrong > eot, logits.argmax(1), grad / eot if need_grad else None
 
-    def write_back(idx, found, adv_x, best_x, best_loss):
-        """Fold one run's outcome for examples idx into the call's results (no host sync)."""
+    def write_back(idx, found, adv_x, adv_p, best_x, best_p, best_loss):
+        """Fold one run's outcome for examples idx into the call's results, each point with its
+        prediction (no host sync)."""
         newly = found & ~success[idx]
         x_out.index_copy_(0, idx, torch.where(bc(newly), adv_x, x_out[idx]))
+        out_pred.index_copy_(0, idx, torch.where(newly, adv_p, out_pred[idx]))
         success.index_copy_(0, idx, success[idx] | found)
         better = ~success[idx] & (best_loss > out_loss[idx])
         x_out.index_copy_(0, idx, torch.where(bc(better), best_x, x_out[idx]))
+        out_pred.index_copy_(0, idx, torch.where(better, best_p, out_pred[idx]))
         out_loss.index_copy_(0, idx, torch.where(better, best_loss, out_loss[idx]))
 
     for run_no, (j, _) in enumerate(runs):
@@ -235,9 +254,9 @@ def apgd(
         xc, yc = x[idx], y[idx]
         tc = ranked[idx, j] if ranked is not None else None
         cur = threat.random_init(xc, gen)
-        loss_cur, found, grad = evaluate(cur, idx, yc, tc, steps > 0)
-        adv_x = cur.clone()
-        best_x, best_loss = cur.clone(), loss_cur.clone()
+        loss_cur, found, pred, grad = evaluate(cur, idx, yc, tc, steps > 0)
+        adv_x, adv_p = cur.clone(), pred  # the first misclassified iterate and its prediction
+        best_x, best_p, best_loss = cur.clone(), pred, loss_cur.clone()
         best_grad = grad.clone() if grad is not None else None
         eta = torch.full((len(idx),), 2.0 * eps, device=dev, dtype=x.dtype)
         eta_last, best_last = eta.clone(), best_loss.clone()
@@ -252,13 +271,15 @@ def apgd(
                     nxt = threat.project(cur + ALPHA * (z - cur) + (1 - ALPHA) * (cur - prev), xc)
             prev, cur = cur, nxt
             last = k + 1 == steps
-            loss_new, adv, grad = evaluate(cur, idx, yc, tc, not last)
+            loss_new, adv, pred, grad = evaluate(cur, idx, yc, tc, not last)
             increases += (loss_new > loss_cur).float()
             loss_cur = loss_new
             adv_x = torch.where(bc(adv & ~found), cur, adv_x)
+            adv_p = torch.where(adv & ~found, pred, adv_p)
             found = found | adv
             improved = loss_new > best_loss
             best_x = torch.where(bc(improved), cur, best_x)
+            best_p = torch.where(improved, pred, best_p)
             best_loss = torch.where(improved, loss_new, best_loss)
             if not last:
                 best_grad = torch.where(bc(improved), grad, best_grad)
@@ -273,18 +294,18 @@ def apgd(
                 loss_cur = torch.where(halve, best_loss, loss_cur)
                 increases = torch.zeros_like(increases)
                 if early_stop and bool(found.any()):  # the checkpoint's one host sync
-                    write_back(idx, found, adv_x, best_x, best_loss)
+                    write_back(idx, found, adv_x, adv_p, best_x, best_p, best_loss)
                     keep = ~found
-                    (idx, xc, yc, cur, prev, grad, loss_cur, found, adv_x, best_x, best_loss, best_grad,
-                     eta, eta_last, best_last, increases) = (
-                        t[keep] for t in (idx, xc, yc, cur, prev, grad, loss_cur, found, adv_x, best_x,
-                                          best_loss, best_grad, eta, eta_last, best_last, increases))
+                    (idx, xc, yc, cur, prev, grad, loss_cur, found, adv_x, adv_p, best_x, best_p, best_loss,
+                     best_grad, eta, eta_last, best_last, increases) = (
+                        t[keep] for t in (idx, xc, yc, cur, prev, grad, loss_cur, found, adv_x, adv_p, best_x,
+                                          best_p, best_loss, best_grad, eta, eta_last, best_last, increases))
                     if tc is not None:
                         tc = tc[keep]
             if on_step is not None:
                 on_step(run_no * steps + k + 1, total)
             if idx.numel() == 0:
                 break
-        write_back(idx, found, adv_x, best_x, best_loss)
+        write_back(idx, found, adv_x, adv_p, best_x, best_p, best_loss)
     out_loss = torch.where(success, torch.full_like(out_loss, -torch.inf), out_loss)
-    return APGDResult(x_out, success, out_loss, forwards, backwards)
+    return APGDResult(x_out, success, out_loss, forwards, backwards, out_pred, clean_pred)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from advex.engine.apgd import MAX_EOT  # noqa: F401  (re-exported: the service validates against it)
 from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted, Forward
-from advex.engine.optimize import StepCallback, optimize
-from advex.engine.threat import Box, make_threat_model
+from advex.engine.optimize import OptimizeResult, StepCallback, optimize
+from advex.engine.threat import Box, SegmentedGenerator, ThreatModel, make_threat_model
 
 # loss, multi-targeted (apgd runs DLR as cross-entropy on models with too few classes for it)
 APGD_METHODS = {"apgd-ce": ("ce", False), "apgd-dlr": ("dlr", False), "apgd-t": ("dlr", True)}
@@ -112,6 +112,8 @@ def attack(
     on_step: Optional[StepCallback] = None,
     clean_pred: Optional[torch.Tensor] = None,
     clean: bool = True,
+    eps: Optional[torch.Tensor] = None,
+    segments: Optional[Sequence[int]] = None,
 ) -> AttackOutput:
     """Adversarial examples for one batch.
 
@@ -126,7 +128,17 @@ def attack(
     on_step(step, total): called after every step of every run (PGD, FGSM's one step) and after
     every query round of Square; an exception raised in it stops the attack there (the service
     raises one when the caller has gone away, so no more than one step runs on for nobody).
+    Verdicts (success, adv_pred) are those of the pass that chose each point: exact for a deterministic
+    model; on a randomized one they favour the attack unless eot > 1 (evaluate scores such points again).
+    eps: float32 [N], a radius per example, in place of config.eps (which should be 0; a step_size
+    of 0 then means the default per example: 2.5 * eps_i / steps for PGD, eps_i for FGSM). PGD and
+    FGSM run the batch as one; the other methods run once per distinct radius.
+    segments: PGD and FGSM on a batch merged from requests of these sizes (in order): each draws its
+    random start from its own generator seeded with config.seed, as it would alone.
     """
+    if eps is not None or segments is not None:
+        return _attack_per_example(forward, x, y, config, eps, segments, box=box, early_stop=early_stop,
+                                   on_step=on_step, clean_pred=clean_pred, clean=clean)
     cfg = config.resolved()
     threat = make_threat_model(cfg.norm, cfg.eps, box)
     if cfg.method == "square":
@@ -134,8 +146,9 @@ def attack(
 
         res = square_attack(forward, x, y, norm=cfg.norm, eps=cfg.eps, queries=cfg.steps, targeted=cfg.targeted,
                             box=box, seed=cfg.seed, on_step=on_step)
-        clean_pred = predict(forward, x) if clean_pred is None else clean_pred
-        adv_pred = predict(forward, res.x)
+        if clean_pred is None:  # Square never queries x itself: one forward, unless not wanted
+            clean_pred = predict(forward, x) if clean else torch.full_like(y, -1)
+        adv_pred = res.pred  # from the query that scored the returned point: no pass
         success = adv_pred == y if cfg.targeted else adv_pred != y
         return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg, res.queries)
     if cfg.method in APGD_METHODS:
@@ -144,9 +157,14 @@ def attack(
         loss, multi_targeted = APGD_METHODS[cfg.method]
         res = apgd(forward, x, y, norm=cfg.norm, eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts, loss=loss,
                    targeted=multi_targeted, target_classes=APGD_TARGET_CLASSES, box=box, seed=cfg.seed,
-                   early_stop=early_stop, on_step=on_step, eot=cfg.eot)
-        clean_pred = predict(forward, x) if clean_pred is None else clean_pred
-        adv_pred = predict(forward, res.x)
+                   early_stop=early_stop, on_step=on_step, eot=cfg.eot,
+                   clean_pred=clean_pred if cfg.eot == 1 else None)
+        if cfg.eot > 1:  # a randomized model: x and the returned point each scored by one fresh pass
+            clean_pred = predict(forward, x) if clean_pred is None else clean_pred
+            adv_pred = predict(forward, res.x)
+        else:  # both come with apgd's own passes (its clean pass is at x)
+            clean_pred = res.clean_pred if clean_pred is None else clean_pred
+            adv_pred = res.pred
         return AttackOutput(res.x, adv_pred != y, clean_pred, adv_pred, threat.distance(res.x, x), cfg)
     if cfg.method == "fab-t":  # minimal-norm; what it finds beyond eps is no adversarial example here
         from advex.engine.fab import fab
@@ -155,17 +173,84 @@ def attack(
                   target_classes=APGD_TARGET_CLASSES, box=box, seed=cfg.seed, early_stop=early_stop, on_step=on_step)
         inside = res.success.view(-1, *([1] * (x.dim() - 1)))
         x_adv = torch.where(inside, res.x, x)
-        clean_pred = predict(forward, x) if clean_pred is None else clean_pred
-        adv_pred = predict(forward, x_adv)
+        # fab's first pass is at x; x_adv is res.x or x, each with its prediction: no pass
+        clean_pred = res.clean_pred if clean_pred is None else clean_pred
+        adv_pred = torch.where(res.success, res.pred, res.clean_pred)
         return AttackOutput(x_adv, adv_pred != y, clean_pred, adv_pred, threat.distance(x_adv, x), cfg)
     objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
     gen = torch.Generator(device=x.device if x.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
     res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,
                    random_start=cfg.random_start, restarts=cfg.restarts, generator=gen,
                    early_stop=early_stop, on_step=on_step)
-    if clean_pred is None:  # free when the first pass was at x; else one forward, unless not wanted
+    return _pgd_output(forward, x, y, cfg, res, threat, clean_pred, clean)
+
+
+def _pgd_output(forward: Forward, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, res: OptimizeResult,
+                threat: ThreatModel, clean_pred: Optional[torch.Tensor], clean: bool) -> AttackOutput:
+    """PGD's and FGSM's output from the loop's result: the adversarial prediction is the best
+    iterate's (no pass); the clean one is free when the first pass was at x, else one forward
+    unless given or not wanted."""
+    if clean_pred is None:
         clean_pred = res.first_pred if res.first_pred is not None else (
             predict(forward, x) if clean else torch.full_like(y, -1))
-    adv_pred = res.pred  # the best iterate's, kept by the loop: no pass
+    adv_pred = res.pred
     success = adv_pred == y if cfg.targeted else adv_pred != y
     return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg)
+
+
+def _attack_per_example(forward: Forward, x: torch.Tensor, y: torch.Tensor, config: AttackConfig,
+                        eps: Optional[torch.Tensor], segments: Optional[Sequence[int]], *, box: Box,
+                        early_stop: bool, on_step: Optional[StepCallback], clean_pred: Optional[torch.Tensor],
+                        clean: bool) -> AttackOutput:
+    """attack() with per-example radii and/or merged segments (see attack)."""
+    cfg = config.resolved()
+    n = len(x)
+    if eps is None:  # merged segments of one radius
+        eps = torch.full((n,), cfg.eps, device=x.device)
+        radius, step_size = cfg.eps, cfg.step_size
+    else:
+        radius = eps = eps.to(device=x.device, dtype=torch.float32)
+        step_size = config.step_size or (eps if cfg.method == "fgsm" else 2.5 * eps / cfg.steps)
+    if eps.shape != (n,):
+        raise ValueError(f"per-example eps must have shape [{n}], got {list(eps.shape)}")
+    if not (bool(torch.isfinite(eps).all()) and bool((eps >= 0).all())):
+        raise ValueError("per-example eps must be finite and >= 0")
+    if segments is not None and sum(segments) != n:
+        raise ValueError(f"segments {list(segments)} do not add up to the batch of {n}")
+    if cfg.method not in ("pgd", "fgsm"):
+        if segments is not None and len(segments) > 1:
+            raise ValueError(f"merged batches (segments) are for pgd and fgsm, not {cfg.method}")
+        return _attack_by_radius(forward, x, y, config, eps, box=box, early_stop=early_stop, on_step=on_step,
+                                 clean_pred=clean_pred, clean=clean)
+    threat = make_threat_model(cfg.norm, radius, box)
+    objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
+    gen = SegmentedGenerator(list(segments) if segments is not None else [n], cfg.seed,
+                             device=x.device if x.device.type == "cuda" else "cpu")
+    res = optimize(forward, x, objective, threat, cfg.steps, step_size, random_start=cfg.random_start,
+                   restarts=cfg.restarts, generator=gen, early_stop=early_stop, on_step=on_step)
+    return _pgd_output(forward, x, y, cfg, res, threat, clean_pred, clean)
+
+
+def _attack_by_radius(forward: Forward, x: torch.Tensor, y: torch.Tensor, config: AttackConfig, eps: torch.Tensor,
+                      **kwargs) -> AttackOutput:
+    """A method without per-example radii (APGD, FAB, Square) run once per distinct radius."""
+    radii = torch.unique(eps)
+    clean_pred = kwargs.pop("clean_pred")
+    parts = []
+    for r in radii.tolist():
+        rows = (eps == r).nonzero().flatten()
+        given = clean_pred[rows] if clean_pred is not None else None
+        parts.append((rows, attack(forward, x[rows], y[rows], replace(config, eps=r), clean_pred=given, **kwargs)))
+    first = parts[0][1]
+
+    def gather(field: str) -> Optional[torch.Tensor]:
+        if getattr(first, field) is None:
+            return None
+        out = torch.empty((len(x),) + getattr(first, field).shape[1:], dtype=getattr(first, field).dtype,
+                          device=x.device)
+        for rows, part in parts:
+            out[rows] = getattr(part, field)
+        return out
+
+    return AttackOutput(gather("x_adv"), gather("success"), gather("clean_pred"), gather("adv_pred"),
+                        gather("distance"), replace(first.config, eps=config.eps), gather("queries"))

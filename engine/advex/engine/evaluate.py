@@ -217,6 +217,9 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
                 # only clean-correct examples are attacked: their clean prediction is y
                 out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True,
                              clean_pred=y)
+                if randomized and cfg.eot <= 1:  # the pass that chose a point is no verdict on it: one fresh pass
+                    with torch.no_grad():
+                        out = replace(out, success=model.logits(out.x_adv).argmax(1) != y)
             robust[rows] = ~out.success.cpu()
             if out.queries is not None:
                 queries += int(out.queries.sum())

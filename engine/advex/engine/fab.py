@@ -25,10 +25,13 @@ eps=None and nothing found yet the norm's AutoAttack default eps stands in for e
 bisects the segment between x_0 and the closest adversarial found to bring it to the boundary.
 
 Goal: misclassification (argmax != y), as in the reference; the target only picks the boundary.
-Cost per attacked example: the clean prediction (1 forward); every step 1 forward + 1 backward at
-x^(i) and 1 forward at x^(i+1); the final search `search_steps` forwards for examples with an
-adversarial. With eps given and early_stop, examples found adversarial within eps leave the batch
-between runs (one host sync per run).
+Cost of FAB-K per attacked example, R = target classes x (1 + restarts) runs: 1 forward at x (the
+clean prediction and the target ranking), K forward+backward at x^(i) and K forwards at x^(i+1) per
+run, and `search_steps` forwards in the final search for examples with an adversarial:
+1 + 2 R K + search_steps forwards, R K backwards. Clean-misclassified inputs cost the one forward.
+The predictions at x and at the returned point come with those passes (FABResult.clean_pred,
+.pred): no further pass. With eps given and early_stop, examples found adversarial within eps
+leave the batch between runs (one host sync per run).
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class FABResult:
                              # inf: none found)
     forwards: torch.Tensor   # int64 [N]: forward passes spent on each example
     backwards: torch.Tensor  # int64 [N]: backward passes spent on each example
+    pred: torch.Tensor       # int64 [N]: argmax of the logits at x (the returned point), from the pass there
+    clean_pred: torch.Tensor # int64 [N]: argmax of the logits at the clean input (the first pass)
 
 
 def _norm_key(norm: str) -> str:
@@ -175,9 +180,11 @@ def fab(
         raise ValueError("FAB-T needs at least 2 classes")
     forwards = torch.ones(n, dtype=torch.long, device=dev)
     backwards = torch.zeros(n, dtype=torch.long, device=dev)
-    wrong = clean_logits.argmax(1) != y
+    clean_pred = clean_logits.argmax(1)
+    wrong = clean_pred != y
     distance = torch.where(wrong, 0.0, math.inf).to(x.dtype)
     x_out = x.clone()
+    out_pred = clean_pred.clone()  # the prediction at x_out, kept with it
 
     k = min(target_classes, num_classes - 1)
     ranked = clean_logits.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True)[:, :k]
@@ -197,9 +204,11 @@ def fab(
         return g.detach(), grad.detach()
 
     def misclassified(v, yc, idx):
+        """(misclassified [M], prediction [M]) at v; one forward."""
         forwards.index_add_(0, idx, torch.ones_like(idx))
         with torch.no_grad():
-            return forward(v).argmax(1) != yc
+            pred = forward(v).argmax(1)
+        return pred != yc, pred
 
     def random_start(xc, radius):
         if key == "Linf":
@@ -246,11 +255,12 @@ def fab(
                 a = (d_norm[:m] / (d_norm[:m] + d_norm[m:])).clamp(0.0, alpha_max)
                 nxt = (1 - a[:, None]) * (fc + eta * d[:m]) + a[:, None] * (flat0 + eta * d[m:])
                 nxt = threat.clip_box(nxt.view_as(x0))
-            adv = misclassified(nxt, yc, idx)
+            adv, pred = misclassified(nxt, yc, idx)
             with torch.no_grad():
                 dist = per_example_norm(nxt - x0, p)
                 better = adv & (dist < distance[idx])
                 x_out.index_copy_(0, idx, torch.where(bc(better), nxt, x_out[idx]))
+                out_pred.index_copy_(0, idx, torch.where(better, pred, out_pred[idx]))
                 distance.index_copy_(0, idx, torch.where(better, dist, distance[idx]))
                 cur = torch.where(bc(adv), x0 + beta * (nxt - x0), nxt)
             if on_step is not None:
@@ -263,16 +273,21 @@ def fab(
         x0, yc, xa = x[idx], y[idx], x_out[idx]
         lo_s = torch.zeros(len(idx), device=dev, dtype=x.dtype)
         hi_s = torch.ones_like(lo_s)
+        pred_hi = out_pred[idx]  # the prediction at x0 + hi_s (xa - x0)
         for _ in range(search_steps):
             mid = (lo_s + hi_s) / 2
-            adv = misclassified(x0 + bc(mid) * (xa - x0), yc, idx)
+            adv, pred = misclassified(x0 + bc(mid) * (xa - x0), yc, idx)
             hi_s = torch.where(adv, mid, hi_s)
             lo_s = torch.where(adv, lo_s, mid)
+            pred_hi = torch.where(adv, pred, pred_hi)
         with torch.no_grad():
-            xs = x0 + bc(hi_s) * (xa - x0)
+            # hi_s = 1 (no midpoint was adversarial): xa itself, the point that was evaluated
+            # (x0 + 1 * (xa - x0) equals it only up to rounding, and was never passed through the model)
+            xs = torch.where(bc(hi_s < 1), x0 + bc(hi_s) * (xa - x0), xa)
             ds = per_example_norm(xs - x0, p)
             better = ds < distance[idx]
             x_out.index_copy_(0, idx, torch.where(bc(better), xs, xa))
+            out_pred.index_copy_(0, idx, torch.where(better, pred_hi, out_pred[idx]))
             distance.index_copy_(0, idx, torch.where(better, ds, distance[idx]))
     success = torch.isfinite(distance) if eps is None else distance <= eps
-    return FABResult(x_out, success, distance, forwards, backwards)
+    return FABResult(x_out, success, distance, forwards, backwards, out_pred, clean_pred)

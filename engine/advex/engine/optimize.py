@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from advex.engine.objectives import Forward, Objective
-from advex.engine.threat import ThreatModel
+from advex.engine.threat import Radius, SegmentedGenerator, ThreatModel
 
 StepCallback = Callable[[int, int], None]
 
@@ -42,12 +42,12 @@ def optimize(
     objective: Objective,
     threat: ThreatModel,
     steps: int,
-    step_size: float,
+    step_size: Radius,
     *,
     random_start: bool = False,
     restarts: int = 0,
     x_init: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator | SegmentedGenerator] = None,
     early_stop: bool = False,
     on_step: Optional[StepCallback] = None,
 ) -> OptimizeResult:
@@ -62,6 +62,8 @@ def optimize(
     early_stop: examples that reach the goal keep their first successful iterate and leave the
     batch (every compaction_interval steps); it saves work when only success matters (robust accuracy).
     on_step(step, total_steps) is called after every gradient step (progress, cancellation).
+    step_size: one length, or float [N], one per example (with a threat model of per-example radii).
+    generator: a SegmentedGenerator draws each segment's random start on its own (merged requests).
     """
     if steps < 0 or restarts < 0:
         raise ValueError("steps and restarts must be >= 0")
@@ -78,41 +80,58 @@ def optimize(
     rows_of = (-1,) + (1,) * (x.dim() - 1)
     compact_every = compaction_interval(x.device)
 
-    def keep_best(cand: torch.Tensor, index: torch.Tensor, out: torch.Tensor, score: torch.Tensor,
+    def keep_best(cand: torch.Tensor, index: torch.Tensor, whole: bool, out: torch.Tensor, score: torch.Tensor,
                   succ: Optional[torch.Tensor]) -> None:
+        """whole: `index` is still the whole batch in order (nothing has left it, a fact the loop
+        tracks, so no sync): the best tensors are updated in place, no gathers nor scatters."""
         score = score.detach()
         if succ is None:
             succ = torch.zeros_like(score, dtype=torch.bool)
-        old_succ, old_score = best_success[index], best_score[index]
+        old_succ, old_score = (best_success, best_score) if whole else (best_success[index], best_score[index])
         better = (succ & ~old_succ) | ((succ == old_succ) & (score > old_score))
         if early_stop:  # a success is final: the first successful iterate stays
             better &= ~old_succ
-        pred = out.detach().argmax(1) if out.dim() == 2 else best_pred[index]
+        pred = out.detach().argmax(1) if out.dim() == 2 else None
+        if whole:  # `better` is computed before the first write below, so aliasing the olds is safe
+            torch.where(better.view(rows_of), cand.detach(), best_x, out=best_x)
+            torch.where(better, score, best_score, out=best_score)
+            torch.where(better, succ, best_success, out=best_success)
+            if pred is not None:
+                torch.where(better, pred, best_pred, out=best_pred)
+            return
         best_x.index_copy_(0, index, torch.where(better.view(rows_of), cand.detach(), best_x[index]))
         best_score.index_copy_(0, index, torch.where(better, score, old_score))
         best_success.index_copy_(0, index, torch.where(better, succ, old_succ))
-        best_pred.index_copy_(0, index, torch.where(better, pred, best_pred[index]))
+        if pred is not None:
+            best_pred.index_copy_(0, index, torch.where(better, pred, best_pred[index]))
 
     for run in range(restarts + 1):
         if x_init is not None and run == 0:
             cur = threat.project(x_init.detach().clone(), x)
         elif random_start or run > 0:
-            cur = threat.random_init(x, generator)
+            cur = threat.random_start(x, generator)
         else:
             cur = x.clone()
         at_x = run == 0 and x_init is None and not random_start
         index = torch.arange(n, device=x.device)
+        whole = True  # index is still arange(n): no example has left the batch in this run
+        # The step-and-project of the rows in `index`, with what depends on their x, radii and step
+        # sizes computed once; it overwrites the iterate and the gradient, which the loop owns
+        # (every `cur` below is a fresh tensor: a clone, a random start, a gather or its own update).
+        ascend = threat.ascent(x, step_size)
         for t in range(steps + 1):
             if early_stop and t % compact_every == 0:
-                keep = ~best_success[index]
+                keep = ~(best_success if whole else best_success[index])
                 if not bool(keep.all()):
-                    index, cur = index[keep], cur[keep]
+                    index, cur, whole = index[keep], cur[keep], False
+                    live_step = step_size[index] if isinstance(step_size, torch.Tensor) else step_size
+                    ascend = threat.rows(index).ascent(x[index], live_step)
                 if index.numel() == 0:
                     break
             if t == steps:  # the last iterate is only scored
                 with torch.no_grad():
                     out = forward(cur)
-                    keep_best(cur, index, out, *objective(out, index))
+                    keep_best(cur, index, whole, out, *objective(out, index))
                 if t == 0 and at_x:
                     first_pred = out.argmax(1) if out.dim() == 2 else None
                 break
@@ -120,12 +139,15 @@ def optimize(
             with torch.enable_grad():
                 out = forward(cur)
                 score, success = objective(out, index)
-                keep_best(cur, index, out, score, success)
+                keep_best(cur, index, whole, out, score, success)
                 grad, = torch.autograd.grad(score.sum(), cur)
             if t == 0 and at_x and out.dim() == 2:
                 first_pred = out.detach().argmax(1)
             with torch.no_grad():
-                cur = threat.project(threat.step(cur.detach(), grad, step_size), x[index])
+                # a gradient that is a broadcast view (stride 0) cannot be overwritten: copy it then
+                # (a dense one, channels-last from a CUDA network included, is used as it is)
+                dense = grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)
+                cur = ascend(cur.detach(), grad if dense else grad.contiguous())
             if on_step is not None:
                 on_step(run * steps + t + 1, total_steps)
         if early_stop and bool(best_success.all()):

@@ -11,6 +11,11 @@ as soon as they are misclassified (or reach the target). Random numbers are draw
 device and the best points are updated with torch.where; the batch drops its successes at every
 iteration on the CPU and every few on a GPU (optimize.compaction_interval), the only read-back.
 
+Passes: a budget of Q queries is at most Q forwards (no backward): one for the starting point, one
+per iteration over the examples still attacked. The prediction at the returned point comes with the
+query that scored it (SquareResult.pred); no query is at x itself, so the clean prediction is the
+caller's to make (attacks.attack: one forward unless given or not wanted).
+
 Linf (the paper's Algorithm 2): start from vertical stripes of +-eps (one sign per channel and
 column); a proposal sets a window of side s = max(round(sqrt(p * h * w)), 1) to +-eps with one
 random sign per channel for the whole window. A proposal that would leave the window unchanged is
@@ -51,6 +56,7 @@ class SquareResult:
     x: torch.Tensor        # adversarial examples, same shape as x
     success: torch.Tensor  # bool [N]
     queries: torch.Tensor  # int64 [N]: model queries spent per example (never more than the budget)
+    pred: torch.Tensor     # int64 [N]: argmax of the logits at x (the returned point), from its query
 
 
 def p_schedule(p_init: float, it: int, n_iters: int) -> float:
@@ -188,16 +194,16 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
     def clip(v: torch.Tensor) -> torch.Tensor:
         return v if box is None else v.clamp(box[0], box[1])
 
-    def query(v: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(margin, loss) [len(rows)]: lower is better for both."""
+    def query(v: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(margin, loss, prediction) [len(rows)]: lower is better for margin and loss."""
         with torch.no_grad():
             logits = forward(v.reshape(len(rows), *shape[1:])).float()
         target = y[rows]
         m = _margin(logits, target, targeted)
         if loss == "margin":
-            return m, m
+            return m, m, logits.argmax(1)
         ce = F.cross_entropy(logits, target, reduction="none")
-        return m, (ce if targeted else -ce)
+        return m, (ce if targeted else -ce), logits.argmax(1)
 
     if norm == "Linf":
         delta = eps * _signs((n, c, 1, w), gen, dev).expand(n, c, h, w)
@@ -205,7 +211,7 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
         delta = _l2_init(n, c, h, w, eps, gen, dev)
     x_best = clip(xi + delta)
     everyone = torch.arange(n, device=dev)
-    margin, best = query(x_best, everyone)
+    margin, best, pred = query(x_best, everyone)  # pred: the prediction at x_best, kept with it
     spent = torch.ones(n, dtype=torch.long, device=dev)  # the starting point's query
     every, active = compaction_interval(dev), everyone
     for it in range(iters):
@@ -250,12 +256,13 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
             # exact in exact arithmetic; rescaling guards against drift so the iterate stays in the ball
             new = eps * new / new.flatten(1).norm(dim=1).clamp_min(_TINY).view(m, 1, 1, 1)
             candidate = clip(x0 + new)
-        new_margin, new_loss = query(candidate, active)
+        new_margin, new_loss, new_pred = query(candidate, active)
         spent.index_add_(0, active, live.long())
         better = live & ((new_loss < best[active]) | (new_margin <= 0))
         x_best.index_copy_(0, active, torch.where(better.view(m, 1, 1, 1), candidate, x_best[active]))
         margin.index_copy_(0, active, torch.where(better, new_margin, margin[active]))
         best.index_copy_(0, active, torch.where(better, new_loss, best[active]))
+        pred.index_copy_(0, active, torch.where(better, new_pred, pred[active]))
         if on_step is not None:
             on_step(it + 1, iters)
-    return SquareResult(x_best.reshape(shape), margin <= 0, spent)
+    return SquareResult(x_best.reshape(shape), margin <= 0, spent, pred)
