@@ -30,9 +30,11 @@ class ModelLoadError(ValueError):
 
 
 def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device | str = "cpu",
-               layout: str = "NCHW", value_range: str = "0-1") -> ModelWrapper:
+               layout: str = "NCHW", value_range: str = "0-1", onnx_provider: str = "auto",
+               precision: str = "fp32") -> ModelWrapper:
     """A ready-to-use wrapper in eval mode on ``device``; raises ModelLoadError.
-    layout / value_range: what an ONNX graph's input expects (ignored for torch formats)."""
+    layout / value_range: what an ONNX graph's input expects; onnx_provider / precision: the execution
+    provider it asks for and the server's precision (see OnnxNet; all four ignored for torch formats)."""
     path = Path(path)
     try:
         if fmt == "safetensors":
@@ -53,7 +55,8 @@ def load_model(path: str | Path, fmt: str, info: ModelInfo, device: torch.device
         elif fmt == "onnx":
             from advex.engine.onnx_model import OnnxNet
 
-            net = OnnxNet(path, info.input_shape, layout or "NCHW", value_range or "0-1", device)
+            net = OnnxNet(path, info.input_shape, layout or "NCHW", value_range or "0-1", device,
+                          provider=onnx_provider, precision=precision)
         else:
             raise ModelLoadError(f"unknown model format {fmt!r}; expected one of {FORMATS}")
     except ModelLoadError:
