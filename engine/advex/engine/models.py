@@ -3,6 +3,8 @@
 when the network has one, ``features(x)`` (the penultimate layer)."""
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -134,6 +136,87 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
+
+
+COMPILE_MODES = ("auto", "off", "on")
+#: torch.compile mode on CUDA. Not "reduce-overhead": its CUDA graphs record one graph per batch size
+#: (early-stop compaction makes many), hand back outputs that the next replay overwrites (attacks keep
+#: logits and iterates across steps) and keep per-thread state (workers share a loaded model). Autotuned
+#: kernels without graphs pay at attack scale: a loaded model is cached and runs for thousands of steps.
+INDUCTOR_MODE_CUDA = "max-autotune-no-cudagraphs"
+_log = logging.getLogger("advex.engine.models")
+
+
+def compile_model(model: ModelWrapper, mode: str = "auto", device: torch.device | str = "cpu", *,
+                  name: str = "", backend: str = "inductor") -> ModelWrapper:
+    """Run `model.net` through torch.compile, in place, when `mode` asks: "on", "off", or "auto" (on
+    for CUDA only: on the CPU compiling costs more than it saves). For frozen attack models, after
+    freeze and set_precision. Black boxes (ONNX graphs, endpoints) and TorchScript modules are never
+    compiled. Inductor runs INDUCTOR_MODE_CUDA on CUDA, its default elsewhere; `backend` is for tests
+    ("eager": the same tracing, no code generation).
+
+    Compilation happens at the first call. Should that call (or a later recompile) fail (no C
+    compiler, an inductor bug, an op dynamo cannot trace) where the eager network succeeds, one
+    WARNING names the model (`name`, else its architecture) and the error, that call's result comes
+    from the eager network, and the model stays eager for good. Batch sizes vary (compaction): the
+    batch dimension is marked dynamic (torch._dynamo.maybe_mark_dynamic), so all sizes share one
+    graph per grad mode and precision (size 1 may get its own). A deep copy is the eager network."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    device = torch.device(device)
+    wanted = mode == "on" or (mode == "auto" and device.type == "cuda")
+    net = model.net
+    if (not wanted or not model.has_gradients or isinstance(net, (torch.jit.ScriptModule, _CompiledNet))):
+        return model
+    options: dict = {"backend": backend}
+    if backend == "inductor" and device.type == "cuda":
+        options["mode"] = INDUCTOR_MODE_CUDA
+    model.net = _CompiledNet(net, torch.compile(net, **options), name or model.info.architecture)
+    return model
+
+
+class _CompiledNet(nn.Module):
+    """The eager network (registered as `eager`; its attributes, such as `features` and
+    `has_gradients`, read through) and its compiled form, used until it fails once."""
+
+    def __init__(self, eager: nn.Module, compiled, name: str) -> None:
+        super().__init__()
+        self.eager = eager
+        object.__setattr__(self, "_compiled", compiled)  # not a submodule: no second copy of the weights
+        self._name = name
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        compiled = self.__dict__["_compiled"]
+        if compiled is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.eager(x, *args, **kwargs)
+        if x.dim() > 0 and x.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        try:
+            return compiled(x, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - dynamo / inductor raise many kinds
+            out = self.eager(x, *args, **kwargs)  # raises too when the input is at fault: then keep compiling
+            object.__setattr__(self, "_compiled", None)
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            _log.warning("model %s: torch.compile failed (%s: %s); running it eagerly from now on",
+                         self._name, type(exc).__name__, first)
+            return out
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls still go through the compiled network."""
+        return self.__dict__["_compiled"] is not None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            eager = self.__dict__.get("_modules", {}).get("eager")
+            if eager is None:
+                raise
+            return getattr(eager, name)
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        return copy.deepcopy(self.eager, memo)
 
 
 def freeze(model: ModelWrapper) -> ModelWrapper:

@@ -3,7 +3,17 @@ given a seed: SGD with momentum and weight decay, step / cosine / constant sched
 optional random-crop + flip augmentation. Training can stop at any batch boundary and go on
 from a ``TrainState`` exactly as if it had never stopped (the weights come out bit for bit the
 same on CPU): the state holds the weights, the momentum buffers, the epoch's order, the random
-generators and the running sums."""
+generators and the running sums (and, in fp16, the gradient scaler's state).
+
+Mixed precision (``train(..., precision=)``, the values of models.PRECISIONS): "bf16" runs the
+network's forward and backward under bf16 autocast, "fp16" under fp16 autocast with a
+torch.amp.GradScaler on the parameter gradients (the loss scaled up before backward, the gradients
+unscaled before the step, a step with an inf or nan gradient skipped and the scale lowered, as
+GradScaler does), "auto" is bf16 / fp16 / fp32 by the training device (models.resolve_precision).
+The parameters (master weights), their gradients, the loss and the optimizer state stay fp32; on
+CUDA a convolutional network runs channels-last. The adversarial inner attack runs at the same
+precision (the wrapper's set_precision, which the model keeps after training). "fp32", the
+default, is the plain fp32 loop, bit for bit as without the option."""
 from __future__ import annotations
 
 import json
@@ -19,7 +29,7 @@ import torch.nn.functional as F
 
 from advex.engine.attacks import AttackConfig, attack
 from advex.engine.data import ArrayDataset, batch_float
-from advex.engine.models import ModelWrapper
+from advex.engine.models import ModelWrapper, resolve_precision
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -122,6 +132,7 @@ class TrainState:
     weights: dict[str, torch.Tensor]    # the model's state_dict
     momentum: dict[int, torch.Tensor]   # SGD momentum buffer per parameter index
     history: list[EpochStats] = field(default_factory=list)
+    scaler: dict = field(default_factory=dict)  # fp16: the GradScaler's state_dict (scale, growth tracker)
 
 
 def save_state(state: TrainState, path: str | Path) -> None:
@@ -138,6 +149,8 @@ def save_state(state: TrainState, path: str | Path) -> None:
     meta = {"epoch": state.epoch, "position": state.position, "batches": state.batches,
             "loss_sum": state.loss_sum, "correct": state.correct, "robust_correct": state.robust_correct,
             "history": [asdict(h) for h in state.history]}
+    if state.scaler:
+        meta["scaler"] = state.scaler
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -162,7 +175,7 @@ def load_state(path: str | Path) -> TrainState:
             global_rng=tensors["global_rng"],
             weights={k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")},
             momentum={int(k[len("momentum."):]): v for k, v in tensors.items() if k.startswith("momentum.")},
-            history=[EpochStats(**h) for h in meta["history"]])
+            history=[EpochStats(**h) for h in meta["history"]], scaler=dict(meta.get("scaler") or {}))
     except (KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:
         raise ValueError(f"{path} is not a training checkpoint: {exc}") from exc
 
@@ -183,6 +196,18 @@ def on_device(data: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, t
     return data.x, data.y
 
 
+def _amp_logits(model: ModelWrapper, x: torch.Tensor, device_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """Training logits (fp32) with the network under autocast. Not model.logits: in fp16 the wrapper
+    scales the gradient flowing back through the network for attacks (input gradients), which would
+    scale the parameter gradients too; here the GradScaler scales the loss instead."""
+    z = model.normalize(x)
+    if device_type == "cuda" and z.dim() == 4:
+        z = z.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type, dtype=dtype):
+        out = model.net(z)
+    return out.float()
+
+
 EpochCallback = Callable[[EpochStats], None]
 BatchCallback = Callable[[int, int], None]
 StateCallback = Callable[[TrainState], None]
@@ -191,18 +216,24 @@ StateCallback = Callable[[TrainState], None]
 def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: torch.device | str = "cpu",
           on_epoch: Optional[EpochCallback] = None, on_batch: Optional[BatchCallback] = None, *,
           resume: Optional[TrainState] = None, on_checkpoint: Optional[StateCallback] = None,
-          on_interrupt: Optional[StateCallback] = None) -> list[EpochStats]:
+          on_interrupt: Optional[StateCallback] = None, precision: str = "fp32") -> list[EpochStats]:
     """Train ``model`` in place on ``data``; the history of every epoch (resumed ones included).
 
     on_batch(done, total) after every batch; it may raise to stop the run (cancellation), and
     then on_interrupt(state) gets the state after that batch first. on_checkpoint(state) after
     every epoch. resume: a state from either, to go on from (with the same data and cfg).
+    precision: "fp32" (default), "bf16", "fp16" or "auto" for `device` (see the module's docstring).
     """
     cfg.validate()
     if cfg.augment and data.x.dim() != 4:
         raise ValueError("augment needs image data [N,C,H,W]")
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     model.to(device)
+    if precision != "fp32" or model.precision != "fp32":  # fp32 on an fp32 wrapper: untouched, as before
+        model.set_precision(precision, device)
+    amp = None if precision == "fp32" else (device.type, torch.bfloat16 if precision == "bf16" else torch.float16)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     xs, ys = on_device(data, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -222,6 +253,8 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
         history = list(resume.history)
         done, first_epoch, position, order = resume.batches, resume.epoch, resume.position, resume.order
         loss_sum, correct, robust_correct = resume.loss_sum, resume.correct, resume.robust_correct
+        if scaler is not None and resume.scaler:
+            scaler.load_state_dict(resume.scaler)
 
     # the epoch's running sums stay on the device: nothing is read back per batch
     sums = torch.tensor([loss_sum], dtype=torch.float64, device=device)
@@ -232,7 +265,8 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
                     if opt.state.get(p, {}).get("momentum_buffer") is not None}
         hits = counts.tolist()
         return TrainState(epoch, position, done, order, float(sums[0]), hits[0], hits[1], gen.get_state(),
-                          torch.get_rng_state(), model.state_dict(), momentum, list(history))
+                          torch.get_rng_state(), model.state_dict(), momentum, list(history),
+                          scaler.state_dict() if scaler is not None else {})
 
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -255,11 +289,16 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
             else:
                 x_in = x
             model.train()
-            out = model.logits(x_in)
+            out = model.logits(x_in) if amp is None else _amp_logits(model, x_in, *amp)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)  # unscales first; skipped when a gradient is inf or nan
+                scaler.update()
             with torch.no_grad():
                 sums += loss.detach().double() * len(idx)
                 hits = (out.argmax(1) == y).sum()
