@@ -5,6 +5,9 @@
 #   bash bench/gpu.sh                         # CIFAR-10 from $ADVEX_DATA_ROOT (or ../shared/data)
 #   bash bench/gpu.sh --small                 # toy sizes on the CPU: checks that it all runs
 #   bash bench/gpu.sh --data-root .gpu/data   # on the lent GPU machine (see bench/README.md)
+#   bash bench/gpu.sh --reproduce cifar10 --data-root .gpu/data
+#                                             # then `advex reproduce --preset cifar10` against a server
+#                                             # started here; results in bench/results/reproduce-cifar10-<device>
 # Works from a checkout with the repo's .venv, or with a system Python that has torch (the GPU
 # machine's image): advex is then imported from the checkout, and torchattacks (with scipy) is
 # installed from .gpu/wheels when it is missing there.
@@ -22,4 +25,21 @@ if ! "$py" -c "import torchattacks" 2>/dev/null; then
     "$py" -m pip install -q --no-deps torchattacks scipy
   fi
 fi
-exec "$py" bench/gpu.py "$@"
+preset=""
+if [ "${1:-}" = "--reproduce" ]; then preset="$2"; shift 2; fi
+"$py" bench/gpu.py "$@"
+[ -z "$preset" ] && exit 0
+# The preset, through the service as a user runs it: a server on this machine's device, the client beside it.
+data_root="${ADVEX_DATA_ROOT:-../shared/data}"
+while [ $# -gt 0 ]; do
+  case "$1" in --data-root) data_root="$2"; shift 2 ;; *) shift ;; esac
+done
+device=$("$py" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+work=$(mktemp -d)
+port=$("$py" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$py" -m advex.client.cli serve --port "$port" --metrics-port 0 --data-dir "$work" --data-roots "$data_root" \
+  >"$work/server.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true; rm -rf "$work"' EXIT
+"$py" -m advex.client.cli --target "127.0.0.1:$port" reproduce --preset "$preset" \
+  --out "bench/results/reproduce-$preset-$device"

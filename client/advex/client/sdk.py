@@ -300,17 +300,21 @@ class _Api:
         return self._unary(method, request, self.timeout, self._op)
 
     # ------------------------------------------------------------------ Attack
-    def attack(self, model_id: str, x: np.ndarray, y: Sequence[int], *, norm: str = "Linf", eps: float = 8 / 255,
-               method: str = "pgd", steps: int = 0, step_size: float = 0.0, random_start: Optional[bool] = None,
-               restarts: int = 0, targeted: bool = False, seed: int = 0, domain: str = "image",
-               eot: int = 0) -> AttackResult:
+    def attack(self, model_id: str, x: np.ndarray, y: Sequence[int], *, norm: str = "Linf",
+               eps: float | Sequence[float] = 8 / 255, method: str = "pgd", steps: int = 0, step_size: float = 0.0,
+               random_start: Optional[bool] = None, restarts: int = 0, targeted: bool = False, seed: int = 0,
+               domain: str = "image", eot: int = 0) -> AttackResult:
         """Adversarial examples for a batch. x: float32 [N,C,H,W] in [0,1] or uint8; y: labels (or targets).
+        eps: one radius, or one per example (a sequence of N; step_size 0 then means each one's default).
         eot: for a randomized model, the passes an APGD method averages per step (0 = 1)."""
+        per_example = np.ndim(eps) > 0
         req = rpc.AttackRequest(model_id=model_id, x=to_tensor(np.asarray(x)),
                                 y=to_tensor(np.asarray(y, dtype=np.int64)),
-                                attack=attack_spec(norm, eps, method, steps, step_size, random_start, restarts,
-                                                   targeted, seed, eot),
+                                attack=attack_spec(norm, 0.0 if per_example else float(eps), method, steps, step_size,
+                                                   random_start, restarts, targeted, seed, eot),
                                 domain=res.REAL if domain.lower() == "real" else res.IMAGE)
+        if per_example:
+            req.eps.CopyFrom(to_tensor(np.asarray(eps, dtype=np.float32)))
         inputs, labels = np.asarray(x), np.asarray(y)
 
         def result(r: rpc.AttackResponse) -> AttackResult:

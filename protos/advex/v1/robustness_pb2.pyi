@@ -12,18 +12,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AttackRequest(_message.Message):
-    __slots__ = ("model_id", "x", "y", "attack", "domain")
+    __slots__ = ("model_id", "x", "y", "attack", "domain", "eps")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     ATTACK_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     x: _tensor_pb2.Tensor
     y: _tensor_pb2.Tensor
     attack: _results_pb2.AttackSpec
     domain: _resources_pb2.Domain
-    def __init__(self, model_id: _Optional[str] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., domain: _Optional[_Union[_resources_pb2.Domain, str]] = ...) -> None: ...
+    eps: _tensor_pb2.Tensor
+    def __init__(self, model_id: _Optional[str] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attack: _Optional[_Union[_results_pb2.AttackSpec, _Mapping]] = ..., domain: _Optional[_Union[_resources_pb2.Domain, str]] = ..., eps: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class AttackResponse(_message.Message):
     __slots__ = ("x_adv", "clean_pred", "adv_pred", "success", "perturbation_norm", "attack", "model_sha256", "queries", "endpoint_usage")

@@ -87,6 +87,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # advex.engine.models.PRECISIONS (no torch import here)
+ONNX_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")  # advex.engine.onnx_model.ONNX_PROVIDERS
+COMPILE_MODES = ("auto", "off", "on")  # advex.engine.models.COMPILE_MODES
 
 
 def _check_device(value: str) -> Optional[str]:
@@ -129,9 +131,22 @@ class ServerConfig:
         help="where models run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     precision: str = _setting(
         "auto", check=lambda v: None if v in PRECISIONS else "one of " + ", ".join(PRECISIONS), metavar="P",
-        help="how models run in attacks, evaluations and builds: auto (bf16 on CUDA GPUs that have it, fp16 "
+        help="how models run in training, attacks, evaluations and builds: auto (bf16 on CUDA GPUs that have it, fp16 "
              "with gradient scaling on older ones, fp32 on the CPU), fp32, bf16 or fp16; the attack's iterate, "
              "projection and objective stay fp32, and 16-bit results agree with fp32 within their intervals")
+    compile: str = _setting(
+        "auto", check=lambda v: None if v in COMPILE_MODES else "one of " + ", ".join(COMPILE_MODES), metavar="MODE",
+        help="torch.compile for models loaded for attacks, evaluations and builds: auto (on CUDA only; on the CPU "
+             "compiling costs more than it saves), on or off. Inductor without CUDA graphs, the batch dimension "
+             "dynamic; compiling happens at a model's first call, and a model whose compilation fails logs one "
+             "warning and runs eagerly. ONNX graphs, endpoints and TorchScript are never compiled")
+    onnx_provider: str = _setting(
+        "auto", check=lambda v: None if v in ONNX_PROVIDERS else "one of " + ", ".join(ONNX_PROVIDERS),
+        metavar="PROVIDER",
+        help="onnxruntime execution provider of ONNX models: auto (CUDA when the device is a CUDA GPU and "
+             "onnxruntime has it, else CPU), cpu, cuda or tensorrt (TensorRT with CUDA and CPU behind it, in fp16 "
+             "when --precision is 16-bit on the GPU: bf16, fp16 or auto); a provider onnxruntime lacks or cannot "
+             "start falls back to the next one with a warning")
     workers: int = _setting(
         1, minimum=1, metavar="N",
         help="long operations (train, evaluate, export, ...) that run at the same time")
@@ -141,6 +156,14 @@ class ServerConfig:
     max_batch: int = _setting(
         1024, minimum=1, metavar="N",
         help="largest batch an inline Attack call accepts (use Evaluate for datasets)")
+    attack_merge_rows: int = _setting(
+        1024, minimum=0, metavar="N",
+        help="concurrent Attack calls for the same model and PGD or FGSM settings are merged into one engine "
+             "batch of at most this many rows (each call keeps its own random start); 0 = no merging")
+    attack_merge_window_ms: float = _setting(
+        2.0, minimum=0.0, maximum=1000.0, metavar="MS",
+        help="how long an Attack call waits for others to merge with when none of its kind is running; "
+             "while one runs, arriving calls gather for the next batch anyway")
     max_upload_mb: int = _setting(
         1024, minimum=1, metavar="MB",
         help="largest model or dataset upload, in MiB")

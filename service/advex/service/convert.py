@@ -37,6 +37,26 @@ def check_eps(eps: float, norm: str, field: str, dim: int, boxed: bool) -> None:
             raise invalid(field, f"{norm} eps {eps} exceeds {limit:g}, the diameter of the [0,1] box")
 
 
+def per_example_eps(request: rpc.AttackRequest, norm: str, n: int, dim: int, boxed: bool) -> np.ndarray | None:
+    """An Attack's radii, one per example (float32 [n]), or None when it has one (attack.eps).
+    Each is checked as attack.eps is; attack.eps must then be left 0."""
+    if not request.HasField("eps"):
+        return None
+    try:
+        eps = from_tensor(request.eps, "eps")
+    except WireError as exc:
+        raise invalid(exc.field, str(exc).split(": ", 1)[1]) from exc
+    if eps.dtype != np.float32 or eps.shape != (n,):
+        raise invalid("eps", f"expected float32 [{n}] (a radius per example), got {request.eps.dtype} {list(eps.shape)}")
+    if request.attack.eps:
+        raise invalid("attack.eps", "leave it 0 when eps gives a radius per example")
+    worst = int(np.argmax(np.where(np.isfinite(eps), eps, np.inf)))  # a non-finite one first, else the largest
+    check_eps(float(eps[worst]), norm, f"eps[{worst}]", dim, boxed)
+    smallest = int(np.argmin(eps))
+    check_eps(float(eps[smallest]), norm, f"eps[{smallest}]", dim, boxed)
+    return eps
+
+
 def attack_config(spec: results.AttackSpec, field: str, cfg: ServerConfig, dim: int, boxed: bool,
                   check_radius: bool = True) -> AttackConfig:
     if spec.norm not in NORM_NAMES:

@@ -26,6 +26,8 @@ class Metrics:
                                   registry=r)
         self.images = Counter("advex_images_processed_total", "Images run through attacks, training or evaluation",
                               ["kind"], registry=r)
+        self.attack_batch_calls = Histogram("advex_attack_batch_calls", "Attack calls merged into each engine batch",
+                                            registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_depth = Gauge("advex_queue_depth", "Queued + running work items", ["pool"], registry=r)
         self.gpu_memory = Gauge("advex_gpu_memory_bytes", "GPU memory allocated by the engine", registry=r)
         self.clean_accuracy = Gauge("advex_clean_accuracy", "Last measured clean accuracy", ["model", "dataset"],

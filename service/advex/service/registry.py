@@ -26,7 +26,7 @@ from advex.engine import data as data_mod
 from advex.engine.data import ArrayDataset, DataError, TsiprasParams
 from advex.engine.loaders import (ModelLoadError, Recorded, ShapeMismatch, check_archive, check_model, load_model,
                                   read_recorded, safetensors_bytes)
-from advex.engine.models import ModelInfo, ModelWrapper, freeze
+from advex.engine.models import ModelInfo, ModelWrapper, compile_model, freeze
 from advex.engine.zoo import ACTIVATIONS, ARCHITECTURES, input_noise_std
 from advex.service import sandbox
 from advex.service.config import ServerConfig
@@ -522,13 +522,13 @@ class Registry:
             raise invalid("chunk", f"checking the uploaded model failed: {exc}") from exc
 
     def _provider(self, has_gradients: bool) -> str:
-        """The execution provider an ONNX graph gets on this server's device ('' for torch)."""
+        """The execution provider an ONNX graph is to get on this server (onnx_provider, device; '' for
+        torch); the one a loaded graph got is its OnnxNet's `provider` (a fallback logs a warning)."""
         if has_gradients:
             return ""
-        import onnxruntime as ort
+        from advex.engine.onnx_model import onnxruntime, provider_chain
 
-        cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-        return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+        return provider_chain(self.config.onnx_provider, self.device, onnxruntime().get_available_providers())[0][0]
 
     def register_bytes(self, spec: res.ModelSpec, data: bytes, *, source: str, lineage: dict,
                        model_id: str = "") -> res.Model:
@@ -592,8 +592,10 @@ class Registry:
 
         def make() -> ModelWrapper:  # frozen: for attacks and inference only (training builds its own)
             model = freeze(load_model(path, FORMAT_NAMES[record.spec.format], model_info(record.spec), self.device,
-                                      record.spec.layout, record.spec.value_range))
-            return model.set_precision(self.config.precision, self.device)
+                                      record.spec.layout, record.spec.value_range, self.config.onnx_provider,
+                                      self.config.precision))
+            model.set_precision(self.config.precision, self.device)
+            return compile_model(model, self.config.compile, self.device, name=model_id)  # lazy: at the first call
 
         with self._lock:
             return record, self._models.get_or(model_id, make)

@@ -34,6 +34,7 @@ from advex.engine.train import TrainState, load_state, save_state, train
 from advex.engine.transfer import DEFINITION as TRANSFER_DEFINITION, transfer_rates
 from advex.service import audits, convert, endpoints, logs
 from advex.service.artifacts import CHUNK, BuildCheckpoint, NpzShardWriter, file_sha256, npz_bytes
+from advex.service.batcher import AttackBatcher
 from advex.service.config import ServerConfig
 from advex.service.errors import ServiceError, exhausted, invalid, precondition
 from advex.service.metrics import Metrics
@@ -230,6 +231,9 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         self.metrics = metrics
         self.device = device
         self._uploads = 0  # calls in progress, on the event loop's thread only
+        self.batcher = AttackBatcher(ops, window_s=cfg.attack_merge_window_ms / 1000, max_rows=cfg.attack_merge_rows,
+                                     max_waiting_rows=max(cfg.attack_merge_rows, cfg.max_batch) * 4,
+                                     on_batch=lambda calls, rows: metrics.attack_batch_calls.observe(calls))
         self._watches = 0
 
     def resumers(self) -> dict:
@@ -249,18 +253,28 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         model = self.registry.get_model(request.model_id)
         x, y = await asyncio.to_thread(convert.inline_batch, request, model, self.cfg)  # up to 64 MiB: off the loop
         boxed = request.domain == res.IMAGE
-        cfg = convert.attack_config(request.attack, "attack", self.cfg, int(np.prod(x.shape[1:])), boxed)
+        dim = int(np.prod(x.shape[1:]))
+        cfg = convert.attack_config(request.attack, "attack", self.cfg, dim, boxed,
+                                    check_radius=not request.HasField("eps"))
+        eps = convert.per_example_eps(request, cfg.norm, len(x), dim, boxed)
         _require_gradients(model, cfg.method, "attack.method")
         convert.check_cost(self.cfg, "max_attack_cost", len(x), [cfg])
 
-        def work(on_step):  # on_step raises once the call is cancelled or past its deadline
+        def run(x: np.ndarray, y: np.ndarray, eps, segments, on_step):  # on_step raises once nobody waits
             _, wrapper = self.registry.load_model(model.id)
             xt = torch.tensor(x, device=self.device)  # copies the read-only wire buffer
             yt = torch.tensor(y, device=self.device)
-            done = attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None, on_step=on_step)
+            et = torch.tensor(eps, device=self.device) if eps is not None else None
+            done = attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None, on_step=on_step,
+                          eps=et, segments=segments)
             return done, endpoints.usage_of(wrapper)
 
-        out, usage = await self.ops.run_interactive(work, cancellable=True)
+        if self.batcher.merges(cfg.method):  # concurrent calls of the same kind share an engine batch
+            key = (model.id, model.sha256, cfg, boxed, x.shape[1:], eps is not None)
+            out, usage = await self.batcher.submit(key, x, y, eps, run)
+        else:
+            out, usage = await self.ops.run_interactive(lambda on_step: run(x, y, eps, None, on_step),
+                                                        cancellable=True)
         self.metrics.images.labels("attack").inc(len(x))
         return rpc.AttackResponse(
             x_adv=to_tensor(out.x_adv.detach().cpu().numpy()), clean_pred=to_tensor(out.clean_pred.cpu().numpy()),
@@ -479,7 +493,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                     save_state(state, checkpoint)
 
             history = train(wrapper, data, tc, self.device, on_batch=on_batch, resume=resume,
-                            on_checkpoint=lambda state: save_state(state, checkpoint), on_interrupt=on_interrupt)
+                            on_checkpoint=lambda state: save_state(state, checkpoint), on_interrupt=on_interrupt,
+                            precision=self.cfg.precision)
             self.metrics.images.labels("train").inc(len(data) * tc.epochs)
             lineage = {"dataset_id": dataset.id, "split": split, "limit": int(request.limit),
                        "train_config": _jsonable(tc.to_dict()), "operation_id": ctx.operation_id}
