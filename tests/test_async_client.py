@@ -88,7 +88,10 @@ def test_operations_run_concurrently_and_agree_with_the_blocking_client(server, 
         assert ev.clean_correct == blocking.clean_correct
     for k, a in enumerate(attacks):
         same = client.attack(model_id, xs[k::3], y[k::3], norm="L2", eps=1.0, steps=5, seed=2, domain="real")
-        assert a.x_adv.tobytes() == same.x_adv.tobytes() and a.adv_pred.tolist() == same.adv_pred.tolist()
+        # the three concurrent calls ran merged into one engine batch: the same as alone up to the
+        # float rounding of a larger matrix product
+        np.testing.assert_allclose(a.x_adv, same.x_adv, rtol=0, atol=1e-6)
+        assert a.adv_pred.tolist() == same.adv_pred.tolist()
     assert [m.id for m in models] == [m.id for m in client.list_models()]
 
 

@@ -33,6 +33,7 @@ import torch
 from advex.engine.attacks import GRADIENT_FREE, AttackConfig, attack, predict
 from advex.engine.data import ArrayDataset, batch_float
 from advex.engine.models import ModelWrapper
+from advex.engine.optimize import StepCallback
 
 
 @dataclass(frozen=True)
@@ -165,11 +166,13 @@ def randomness_notes(randomized: Optional[bool], rows: list["RobustRow"]) -> lis
 
 def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep], *, batch_size: int = 256,
              device: torch.device | str = "cpu", on_progress: Optional[ProgressFn] = None,
-             surrogate: Optional[ModelWrapper] = None) -> EvalReport:
+             surrogate: Optional[ModelWrapper] = None, on_step: Optional[StepCallback] = None) -> EvalReport:
     """Clean accuracy, then every (attack, eps) of ``sweeps`` on the clean-correct examples.
     surrogate: white-box attacks are crafted on it and judged on ``model`` (transfer attacks, for
     models without gradients); gradient-free attacks always query ``model`` itself.
-    on_progress(done, total, stage) counts images: the clean pass, then attacked images."""
+    on_progress(done, total, stage) counts images: the clean pass, then attacked images.
+    on_step: passed to every attack (called after each of its steps; an exception raised there stops
+    the evaluation within one step: cancellation)."""
     t_start = time.perf_counter()
     model.eval()
     configs = [(cfg, sweep.suite) for sweep in sweeps for cfg in sweep.configs()]
@@ -209,14 +212,14 @@ def evaluate(model: ModelWrapper, data: ArrayDataset, sweeps: list[AttackSweep],
             y = data.y[rows].to(device)
             if surrogate is not None and cfg.method not in GRADIENT_FREE:
                 crafted = attack(surrogate.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box,
-                                 early_stop=True)  # the surrogate's clean predictions are not known here
+                                 early_stop=True, on_step=on_step)  # the surrogate's clean predictions are not known here
                 with torch.no_grad():
                     fooled = model.logits(crafted.x_adv).argmax(1) != y
                 out = replace(crafted, success=fooled, queries=None)
             else:
                 # only clean-correct examples are attacked: their clean prediction is y
                 out = attack(model.logits, x, y, replace(cfg, seed=cfg.seed + start), box=data.box, early_stop=True,
-                             clean_pred=y)
+                             clean_pred=y, on_step=on_step)
                 if randomized and cfg.eot <= 1:  # the pass that chose a point is no verdict on it: one fresh pass
                     with torch.no_grad():
                         out = replace(out, success=model.logits(out.x_adv).argmax(1) != y)

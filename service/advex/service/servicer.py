@@ -330,7 +330,8 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             # 0: 256 on the CPU, the largest that fits on a GPU
             batch_size = request.batch_size or attack_batch(wrapper, tuple(data.example_shape), self.device, 256)
             report = evaluate(wrapper, data, sweeps, batch_size=batch_size, device=self.device,
-                              on_progress=lambda d, t, s: ctx.progress(d, t, "images", s), surrogate=crafter)
+                              on_progress=lambda d, t, s: ctx.progress(d, t, "images", s), surrogate=crafter,
+                              on_step=lambda step, total: ctx.check_cancelled())
             self.metrics.images.labels("evaluate").inc(report.num_examples + sum(r.clean_correct for r in report.rows))
             self._record_accuracy(model.id, dataset.id, report)
             result = self._evaluate_result(model, dataset.id, split, report, time.perf_counter() - t0)
