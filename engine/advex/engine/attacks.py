@@ -12,8 +12,8 @@ import torch
 
 from advex.engine.apgd import MAX_EOT  # noqa: F401  (re-exported: the service validates against it)
 from advex.engine.objectives import CrossEntropyTargeted, CrossEntropyUntargeted, Forward
-from advex.engine.optimize import OptimizeResult, StepCallback, optimize
-from advex.engine.threat import Box, SegmentedGenerator, ThreatModel, make_threat_model
+from advex.engine.optimize import StepCallback, optimize
+from advex.engine.threat import Box, Radius, SegmentedGenerator, make_threat_model
 
 # loss, multi-targeted (apgd runs DLR as cross-entropy on models with too few classes for it)
 APGD_METHODS = {"apgd-ce": ("ce", False), "apgd-dlr": ("dlr", False), "apgd-t": ("dlr", True)}
@@ -145,7 +145,7 @@ def attack(
         from advex.engine.square import square_attack
 
         res = square_attack(forward, x, y, norm=cfg.norm, eps=cfg.eps, queries=cfg.steps, targeted=cfg.targeted,
-                            box=box, seed=cfg.seed, on_step=on_step)
+                            box=box, seed=cfg.seed, on_step=on_step, compact_every=1 if _black_box(forward) else None)
         if clean_pred is None:  # Square never queries x itself: one forward, unless not wanted
             clean_pred = predict(forward, x) if clean else torch.full_like(y, -1)
         adv_pred = res.pred  # from the query that scored the returned point: no pass
@@ -177,58 +177,60 @@ def attack(
         clean_pred = res.clean_pred if clean_pred is None else clean_pred
         adv_pred = torch.where(res.success, res.pred, res.clean_pred)
         return AttackOutput(x_adv, adv_pred != y, clean_pred, adv_pred, threat.distance(x_adv, x), cfg)
+    gen = torch.Generator(device=_generator_device(x)).manual_seed(cfg.seed)
+    return _pgd(forward, x, y, cfg, cfg.eps, cfg.step_size, gen, box=box, early_stop=early_stop, on_step=on_step,
+                clean_pred=clean_pred, clean=clean)
+
+
+def _black_box(forward: Forward) -> bool:
+    """Whether forward is (a method of) a model without gradients: an ONNX graph, an endpoint."""
+    return not getattr(getattr(forward, "__self__", forward), "has_gradients", True)
+
+
+def _generator_device(x: torch.Tensor) -> str | torch.device:
+    return x.device if x.device.type == "cuda" else "cpu"
+
+
+def _pgd(forward: Forward, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, radius: Radius, step_size: Radius,
+         generator: torch.Generator | SegmentedGenerator, *, box: Box, early_stop: bool,
+         on_step: Optional[StepCallback], clean_pred: Optional[torch.Tensor], clean: bool) -> AttackOutput:
+    """PGD and FGSM (cfg resolved): the projected-gradient loop with one radius or one per example.
+    The adversarial prediction is the best iterate's (no pass); the clean one is free when the first
+    pass was at x, else one forward unless given or not wanted."""
+    threat = make_threat_model(cfg.norm, radius, box)
     objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
-    gen = torch.Generator(device=x.device if x.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
-    res = optimize(forward, x, objective, threat, cfg.steps, cfg.step_size,
-                   random_start=cfg.random_start, restarts=cfg.restarts, generator=gen,
-                   early_stop=early_stop, on_step=on_step)
-    return _pgd_output(forward, x, y, cfg, res, threat, clean_pred, clean)
-
-
-def _pgd_output(forward: Forward, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, res: OptimizeResult,
-                threat: ThreatModel, clean_pred: Optional[torch.Tensor], clean: bool) -> AttackOutput:
-    """PGD's and FGSM's output from the loop's result: the adversarial prediction is the best
-    iterate's (no pass); the clean one is free when the first pass was at x, else one forward
-    unless given or not wanted."""
+    res = optimize(forward, x, objective, threat, cfg.steps, step_size, random_start=cfg.random_start,
+                   restarts=cfg.restarts, generator=generator, early_stop=early_stop, on_step=on_step)
     if clean_pred is None:
         clean_pred = res.first_pred if res.first_pred is not None else (
             predict(forward, x) if clean else torch.full_like(y, -1))
-    adv_pred = res.pred
-    success = adv_pred == y if cfg.targeted else adv_pred != y
-    return AttackOutput(res.x, success, clean_pred, adv_pred, threat.distance(res.x, x), cfg)
+    success = res.pred == y if cfg.targeted else res.pred != y
+    return AttackOutput(res.x, success, clean_pred, res.pred, threat.distance(res.x, x), cfg)
 
 
 def _attack_per_example(forward: Forward, x: torch.Tensor, y: torch.Tensor, config: AttackConfig,
-                        eps: Optional[torch.Tensor], segments: Optional[Sequence[int]], *, box: Box,
-                        early_stop: bool, on_step: Optional[StepCallback], clean_pred: Optional[torch.Tensor],
-                        clean: bool) -> AttackOutput:
-    """attack() with per-example radii and/or merged segments (see attack)."""
+                        eps: Optional[torch.Tensor], segments: Optional[Sequence[int]], **kwargs) -> AttackOutput:
+    """attack() with per-example radii and/or merged segments (see attack). The radii's values are
+    checked where they are used (the threat model; AttackConfig for one run per radius)."""
     cfg = config.resolved()
     n = len(x)
-    if eps is None:  # merged segments of one radius
-        eps = torch.full((n,), cfg.eps, device=x.device)
-        radius, step_size = cfg.eps, cfg.step_size
-    else:
-        radius = eps = eps.to(device=x.device, dtype=torch.float32)
-        step_size = config.step_size or (eps if cfg.method == "fgsm" else 2.5 * eps / cfg.steps)
-    if eps.shape != (n,):
-        raise ValueError(f"per-example eps must have shape [{n}], got {list(eps.shape)}")
-    if not (bool(torch.isfinite(eps).all()) and bool((eps >= 0).all())):
-        raise ValueError("per-example eps must be finite and >= 0")
     if segments is not None and sum(segments) != n:
         raise ValueError(f"segments {list(segments)} do not add up to the batch of {n}")
+    if eps is not None:
+        eps = eps.to(device=x.device, dtype=torch.float32)
+        if eps.shape != (n,):
+            raise ValueError(f"per-example eps must have shape [{n}], got {list(eps.shape)}")
     if cfg.method not in ("pgd", "fgsm"):
         if segments is not None and len(segments) > 1:
             raise ValueError(f"merged batches (segments) are for pgd and fgsm, not {cfg.method}")
-        return _attack_by_radius(forward, x, y, config, eps, box=box, early_stop=early_stop, on_step=on_step,
-                                 clean_pred=clean_pred, clean=clean)
-    threat = make_threat_model(cfg.norm, radius, box)
-    objective = CrossEntropyTargeted(y) if cfg.targeted else CrossEntropyUntargeted(y)
-    gen = SegmentedGenerator(list(segments) if segments is not None else [n], cfg.seed,
-                             device=x.device if x.device.type == "cuda" else "cpu")
-    res = optimize(forward, x, objective, threat, cfg.steps, step_size, random_start=cfg.random_start,
-                   restarts=cfg.restarts, generator=gen, early_stop=early_stop, on_step=on_step)
-    return _pgd_output(forward, x, y, cfg, res, threat, clean_pred, clean)
+        if eps is None:
+            return attack(forward, x, y, config, **kwargs)
+        return _attack_by_radius(forward, x, y, config, eps, **kwargs)
+    radius, step_size = cfg.eps, cfg.step_size
+    if eps is not None:  # a step_size of 0 is each radius' default
+        radius, step_size = eps, config.step_size or (eps if cfg.method == "fgsm" else 2.5 * eps / cfg.steps)
+    gen = SegmentedGenerator(list(segments) if segments is not None else [n], cfg.seed, _generator_device(x))
+    return _pgd(forward, x, y, cfg, radius, step_size, gen, **kwargs)
 
 
 def _attack_by_radius(forward: Forward, x: torch.Tensor, y: torch.Tensor, config: AttackConfig, eps: torch.Tensor,

@@ -5,12 +5,14 @@ backward pass at twice the batch: the other half of the memory is left to the at
 (iterates, best points, gradients)."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 
 #: The largest batch tried on a GPU.
 CUDA_CAP = 2048
+_FITTING = threading.Lock()
 
 
 def largest_batch(trial: Callable[[int], None], start: int, floor: int = 1) -> int:
@@ -23,8 +25,8 @@ def largest_batch(trial: Callable[[int], None], start: int, floor: int = 1) -> i
             return batch
         except torch.cuda.OutOfMemoryError:
             batch //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if torch.cuda.is_available():  # outside the except: its traceback no longer holds the trial's tensors
+            torch.cuda.empty_cache()
     raise RuntimeError(f"not even a batch of {floor} fits on the device")
 
 
@@ -38,7 +40,10 @@ def attack_batch(model: torch.nn.Module, example_shape: tuple[int, ...], device:
         return cpu_default
     cache = model.__dict__.setdefault("_advex_fitted_batch", {})
     key = (tuple(example_shape), str(device), cap)
-    if key not in cache:
+    with _FITTING:  # one trial at a time: two at once would each see the other's memory as taken
+        if key in cache:
+            return cache[key]
+
         def trial(batch: int) -> None:
             x = torch.zeros((2 * batch, *example_shape), device=device, requires_grad=True)
             torch.autograd.grad(model(x).float().sum(), x)

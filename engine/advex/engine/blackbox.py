@@ -21,14 +21,19 @@ def check_layout(layout: str, value_range: str) -> None:
         raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
 
 
-def to_layout(x: torch.Tensor, layout: str, value_range: str) -> np.ndarray:
-    """x (float32 NCHW in [0,1], or [N, D]) as the model wants it: a contiguous float32 array."""
+def layout_tensor(x: torch.Tensor, layout: str, value_range: str) -> torch.Tensor:
+    """x (float32 NCHW in [0,1], or [N, D]) as the model wants it, still a tensor (a view where it can be)."""
     v = x.detach()
     if layout == "NHWC" and v.dim() == 4:
         v = v.permute(0, 2, 3, 1)
     if value_range == "0-255":
         v = v * 255.0
-    return np.ascontiguousarray(v.cpu().numpy(), dtype=np.float32)
+    return v
+
+
+def to_layout(x: torch.Tensor, layout: str, value_range: str) -> np.ndarray:
+    """x (float32 NCHW in [0,1], or [N, D]) as the model wants it: a contiguous float32 array."""
+    return np.ascontiguousarray(layout_tensor(x, layout, value_range).cpu().numpy(), dtype=np.float32)
 
 
 def layout_shape(input_shape: tuple[int, ...], layout: str) -> list[int]:

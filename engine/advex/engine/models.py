@@ -61,14 +61,16 @@ class ModelWrapper(nn.Module):
             self.net.to(memory_format=torch.channels_last)
         return self
 
-    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, x: torch.Tensor, scale_grad: bool = True) -> torch.Tensor:
+        """fn (the network or its features) on normalized x, at the wrapper's precision. scale_grad
+        False: no fp16 scaling of the gradient that flows back (training scales its loss instead)."""
         z = self.normalize(x)
         if self._channels_last and z.dim() == 4:
             z = z.contiguous(memory_format=torch.channels_last)
         if self._autocast is None:
             return fn(z)
         device_type, dtype = self._autocast
-        scale = FP16_GRAD_SCALE if dtype == torch.float16 else 1.0
+        scale = FP16_GRAD_SCALE if dtype == torch.float16 and scale_grad else 1.0
         if scale != 1.0 and z.requires_grad:
             z = _GradScale.apply(z, 1.0 / scale)
         with torch.autocast(device_type, dtype=dtype):
@@ -193,6 +195,8 @@ class _CompiledNet(nn.Module):
             torch._dynamo.maybe_mark_dynamic(x, 0)
         try:
             return compiled(x, *args, **kwargs)
+        except torch.cuda.OutOfMemoryError:  # the batch's fault, not the compiler's: compiling stays on
+            raise
         except Exception as exc:  # noqa: BLE001 - dynamo / inductor raise many kinds
             out = self.eager(x, *args, **kwargs)  # raises too when the input is at fault: then keep compiling
             object.__setattr__(self, "_compiled", None)

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from advex.engine.blackbox import check_layout, layout_shape
+from advex.engine.blackbox import check_layout, layout_shape, layout_tensor
 
 log = logging.getLogger("advex.onnx")
 
@@ -193,11 +193,7 @@ class OnnxNet(nn.Module):
             raise ValueError(f"the graph's output {self.output_name!r} is {self._output_type}; advex needs logits "
                              "[batch, num_classes] as a tensor of numbers")
         where = self._gpu if self._gpu is not None and x.is_cuda else torch.device("cpu")
-        v = x.detach()
-        if self.layout == "NHWC" and v.dim() == 4:
-            v = v.permute(0, 2, 3, 1)
-        if self.value_range == "0-255":
-            v = v * 255.0
+        v = layout_tensor(x, self.layout, self.value_range)
         v = v.to(device=where, dtype=torch.float32).contiguous()  # kept alive (bound) until the run ends
         return self._run(v, where).to(device=x.device, dtype=torch.float32)
 

@@ -170,12 +170,15 @@ def _l2_init(n: int, c: int, h: int, w: int, eps: float, gen: torch.Generator, d
 def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, queries: int,
                   p_init: Optional[float] = None, targeted: bool = False, box: Box = (0.0, 1.0),
                   seed: int = 0, on_step: Optional[Callable[[int, int], None]] = None,
-                  loss: Optional[str] = None, resample_unchanged: bool = True) -> SquareResult:
+                  loss: Optional[str] = None, resample_unchanged: bool = True,
+                  compact_every: Optional[int] = None) -> SquareResult:
     """x: float32 [N, ...]; y: labels (or targets); queries: budget per example (>= 1), the starting
     point included. p_init: starting window fraction (default 0.8, the paper's and AutoAttack's).
     loss: "margin" or "ce" (default: margin when untargeted, cross-entropy when targeted).
     resample_unchanged (Linf): redraw a proposal that would leave its window as it is (the authors'
-    code does; torchattacks/AutoAttack do not and spend the query anyway)."""
+    code does; torchattacks/AutoAttack do not and spend the query anyway).
+    compact_every: query rounds between two compactions (default compaction_interval of the device);
+    1 for a black box (an ONNX graph, an endpoint), where a finished row sent again is a real query."""
     if norm not in ("L2", "Linf"):
         raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
     if queries < 1:
@@ -213,7 +216,7 @@ def square_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, norm: s
     everyone = torch.arange(n, device=dev)
     margin, best, pred = query(x_best, everyone)  # pred: the prediction at x_best, kept with it
     spent = torch.ones(n, dtype=torch.long, device=dev)  # the starting point's query
-    every, active = compaction_interval(dev), everyone
+    every, active = compact_every or compaction_interval(dev), everyone
     for it in range(iters):
         if it % every == 0:  # successes leave the batch (the only read-back from the device)
             active = active[margin[active] > 0]

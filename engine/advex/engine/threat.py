@@ -10,6 +10,7 @@ of each segment of a merged batch as that segment alone would draw it.
 """
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import Callable, Optional, Sequence, Union
@@ -76,7 +77,9 @@ class ThreatModel(ABC):
         """This threat model for the rows `index` (a tensor of indices or a slice) of the batch."""
         if not self.per_example:
             return self
-        return type(self)(self.eps[index], self.box)
+        part = copy.copy(self)  # no new checks of radii already checked (they would read the device)
+        part.eps = self.eps[index]
+        return part
 
     def random_start(self, x: torch.Tensor, generator) -> torch.Tensor:
         """random_init, or, for a SegmentedGenerator, each segment's own draws concatenated."""

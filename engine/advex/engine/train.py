@@ -196,18 +196,6 @@ def on_device(data: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, t
     return data.x, data.y
 
 
-def _amp_logits(model: ModelWrapper, x: torch.Tensor, device_type: str, dtype: torch.dtype) -> torch.Tensor:
-    """Training logits (fp32) with the network under autocast. Not model.logits: in fp16 the wrapper
-    scales the gradient flowing back through the network for attacks (input gradients), which would
-    scale the parameter gradients too; here the GradScaler scales the loss instead."""
-    z = model.normalize(x)
-    if device_type == "cuda" and z.dim() == 4:
-        z = z.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type, dtype=dtype):
-        out = model.net(z)
-    return out.float()
-
-
 EpochCallback = Callable[[EpochStats], None]
 BatchCallback = Callable[[int, int], None]
 StateCallback = Callable[[TrainState], None]
@@ -232,7 +220,6 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
     model.to(device)
     if precision != "fp32" or model.precision != "fp32":  # fp32 on an fp32 wrapper: untouched, as before
         model.set_precision(precision, device)
-    amp = None if precision == "fp32" else (device.type, torch.bfloat16 if precision == "bf16" else torch.float16)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     xs, ys = on_device(data, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -289,7 +276,9 @@ def train(model: ModelWrapper, data: ArrayDataset, cfg: TrainConfig, device: tor
             else:
                 x_in = x
             model.train()
-            out = model.logits(x_in) if amp is None else _amp_logits(model, x_in, *amp)
+            # the network at the wrapper's precision; in fp16 the GradScaler scales the loss, so the
+            # wrapper's scaling of input gradients (for attacks) must not scale parameter gradients too
+            out = model._run(model.net, x_in, scale_grad=False)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             if scaler is None:

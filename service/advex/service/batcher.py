@@ -19,10 +19,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional
 
+import grpc
 import numpy as np
 
 from advex.engine.attacks import AttackOutput
-from advex.service.errors import exhausted
+from advex.service.errors import ServiceError, exhausted
 from advex.service.operations import Cancelled, OperationManager
 
 #: attack methods whose calls merge: their only randomness is the start, which segments keep per call
@@ -57,13 +58,18 @@ class AttackBatcher:
         self._waiting: dict[Hashable, list[_Call]] = {}
         self._running: set[Hashable] = set()
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     def merges(self, method: str) -> bool:
         return self.max_rows > 0 and method in MERGEABLE
 
     async def submit(self, key: Hashable, x: np.ndarray, y: np.ndarray, eps: Optional[np.ndarray],
                      run: Runner) -> tuple[AttackOutput, object]:
-        """This call's share of the batch it joins: (its AttackOutput rows, the batch's usage)."""
+        """This call's share of the batch it joins: (its AttackOutput rows, the batch's usage). A call
+        admitted here runs even if the server begins to stop before its batch does (as a call
+        already in the interactive pool would)."""
+        if not self.ops.accepting:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         waiting = self._waiting.setdefault(key, [])
         rows = sum(len(c.x) for c in waiting)
         if rows and rows + len(x) > self.max_waiting_rows:
@@ -99,9 +105,12 @@ class AttackBatcher:
                 batch.append(call)
                 rows += len(call.x)
         self._running.add(key)
-        asyncio.get_running_loop().create_task(self._execute(key, batch))
+        task = asyncio.get_running_loop().create_task(self._execute(key, batch))
+        self._tasks.add(task)  # referenced until done (the loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, key: Hashable, batch: list[_Call]) -> None:
+        stopping = False
         try:
             x = np.concatenate([c.x for c in batch])
             y = np.concatenate([c.y for c in batch])
@@ -118,26 +127,24 @@ class AttackBatcher:
 
                 return batch[0].run(x, y, eps, sizes if len(sizes) > 1 else None, on_step)
 
-            try:
-                out, usage = await self.ops.run_interactive(work, cancellable=True)
-            except asyncio.CancelledError:  # the server is stopping
-                for c in batch:
-                    if not c.future.done():
-                        c.future.cancel()
-                raise
-            except Exception as exc:  # noqa: BLE001  every call of the batch fails the same way
-                for c in batch:
-                    if not c.future.done():
-                        c.future.set_exception(exc)
-                return
+            out, usage = await self.ops.run_interactive(work, cancellable=True, admitted=True)
             start = 0
             for c in batch:
                 if not c.future.done():
                     c.future.set_result((rows_of(out, start, start + len(c.x)), usage))
                 start += len(c.x)
+        except asyncio.CancelledError:  # the server is stopping: the callers are cancelled with it
+            stopping = True
+            for c in batch:
+                c.future.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001  whatever went wrong, every call of the batch fails the same way
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_exception(exc)
         finally:
             self._running.discard(key)
-            if self._waiting.get(key):
+            if self._waiting.get(key) and not stopping:
                 self._start(key)  # those that gathered while this batch ran go at once
             else:
                 self._waiting.pop(key, None)

@@ -37,23 +37,33 @@ def check_eps(eps: float, norm: str, field: str, dim: int, boxed: bool) -> None:
             raise invalid(field, f"{norm} eps {eps} exceeds {limit:g}, the diameter of the [0,1] box")
 
 
-def per_example_eps(request: rpc.AttackRequest, norm: str, n: int, dim: int, boxed: bool) -> np.ndarray | None:
-    """An Attack's radii, one per example (float32 [n]), or None when it has one (attack.eps).
-    Each is checked as attack.eps is; attack.eps must then be left 0."""
-    if not request.HasField("eps"):
-        return None
+def _wire(tensor, field: str) -> np.ndarray:
+    """A request's tensor as an array; a malformed one is INVALID_ARGUMENT naming its field."""
     try:
-        eps = from_tensor(request.eps, "eps")
+        return from_tensor(tensor, field)
     except WireError as exc:
         raise invalid(exc.field, str(exc).split(": ", 1)[1]) from exc
+
+
+def per_example_eps(request: rpc.AttackRequest, cfg: AttackConfig, n: int, dim: int, boxed: bool) -> np.ndarray | None:
+    """An Attack's radii, one per example (float32 [n]), or None when it has one (attack.eps).
+    Each is checked as attack.eps is; attack.eps must then be left 0. Methods other than PGD and
+    FGSM run once per distinct radius: at most MAX_EPS_PER_SWEEP of them."""
+    if not request.HasField("eps"):
+        return None
+    eps = _wire(request.eps, "eps")
     if eps.dtype != np.float32 or eps.shape != (n,):
         raise invalid("eps", f"expected float32 [{n}] (a radius per example), got {request.eps.dtype} {list(eps.shape)}")
     if request.attack.eps:
         raise invalid("attack.eps", "leave it 0 when eps gives a radius per example")
     worst = int(np.argmax(np.where(np.isfinite(eps), eps, np.inf)))  # a non-finite one first, else the largest
-    check_eps(float(eps[worst]), norm, f"eps[{worst}]", dim, boxed)
+    check_eps(float(eps[worst]), cfg.norm, f"eps[{worst}]", dim, boxed)
     smallest = int(np.argmin(eps))
-    check_eps(float(eps[smallest]), norm, f"eps[{smallest}]", dim, boxed)
+    check_eps(float(eps[smallest]), cfg.norm, f"eps[{smallest}]", dim, boxed)
+    distinct = len(np.unique(eps))
+    if cfg.method not in ("pgd", "fgsm") and distinct > MAX_EPS_PER_SWEEP:
+        raise invalid("eps", f"{cfg.method} runs once per distinct radius: at most {MAX_EPS_PER_SWEEP} of them, "
+                             f"got {distinct} (pgd and fgsm take any number)")
     return eps
 
 
@@ -143,11 +153,8 @@ def distance_norms(request: rpc.EvaluateRequest) -> list[str]:
 
 def inline_batch(request: rpc.AttackRequest, model: res.Model, cfg: ServerConfig) -> tuple[np.ndarray, np.ndarray]:
     """x as float32 (uint8 scaled to [0,1]) and y as int64, both checked against the model."""
-    try:
-        x = from_tensor(request.x, "x")
-        y = from_tensor(request.y, "y")
-    except WireError as exc:
-        raise invalid(exc.field, str(exc).split(": ", 1)[1]) from exc
+    x = _wire(request.x, "x")
+    y = _wire(request.y, "y")
     shape = tuple(model.spec.input_shape)
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
         raise invalid("x", f"expected shape [N, {', '.join(map(str, shape))}] for model {model.id!r}, got {list(x.shape)}")

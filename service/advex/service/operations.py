@@ -339,12 +339,13 @@ class OperationManager:
                                "cancel it or wait for it to finish")
 
     # ------------------------------------------------------------------ interactive work
-    async def run_interactive(self, fn: Callable[..., T], *, cancellable: bool = False) -> T:
+    async def run_interactive(self, fn: Callable[..., T], *, cancellable: bool = False, admitted: bool = False) -> T:
         """fn() in the small interactive pool. cancellable: fn(check) instead, where
         check(step=0, total=0) raises Cancelled once this coroutine has been cancelled (the
         client cancelled, its deadline passed, the server stops): pass it as the engine's
-        on_step and the work ends at its next step, freeing the pool, instead of running on."""
-        if not self.accepting:
+        on_step and the work ends at its next step, freeing the pool, instead of running on.
+        admitted: the work was accepted before the server began to stop (a merged Attack batch)."""
+        if not self.accepting and not admitted:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         if self._interactive_inflight >= self.max_interactive:
             raise exhausted(f"too many interactive requests in flight (limit {self.max_interactive}); retry later")

@@ -4,7 +4,6 @@ mapping of errors to precise gRPC statuses (a handler never kills the server).""
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import hashlib
 import hmac
@@ -13,6 +12,7 @@ import logging
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -256,7 +256,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
         dim = int(np.prod(x.shape[1:]))
         cfg = convert.attack_config(request.attack, "attack", self.cfg, dim, boxed,
                                     check_radius=not request.HasField("eps"))
-        eps = convert.per_example_eps(request, cfg.norm, len(x), dim, boxed)
+        eps = convert.per_example_eps(request, cfg, len(x), dim, boxed)
         _require_gradients(model, cfg.method, "attack.method")
         convert.check_cost(self.cfg, "max_attack_cost", len(x), [cfg])
 
@@ -267,7 +267,10 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             et = torch.tensor(eps, device=self.device) if eps is not None else None
             done = attack(wrapper.logits, xt, yt, cfg, box=(0.0, 1.0) if boxed else None, on_step=on_step,
                           eps=et, segments=segments)
-            return done, endpoints.usage_of(wrapper)
+            # to the host here, in the worker: the event loop then only slices and serializes
+            host = {f.name: getattr(done, f.name).detach().cpu() for f in dataclasses.fields(done)
+                    if isinstance(getattr(done, f.name), torch.Tensor)}
+            return dataclasses.replace(done, **host), endpoints.usage_of(wrapper)
 
         if self.batcher.merges(cfg.method):  # concurrent calls of the same kind share an engine batch
             key = (model.id, model.sha256, cfg, boxed, x.shape[1:], eps is not None)
@@ -277,11 +280,11 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
                                                         cancellable=True)
         self.metrics.images.labels("attack").inc(len(x))
         return rpc.AttackResponse(
-            x_adv=to_tensor(out.x_adv.detach().cpu().numpy()), clean_pred=to_tensor(out.clean_pred.cpu().numpy()),
-            adv_pred=to_tensor(out.adv_pred.cpu().numpy()), success=to_tensor(out.success.cpu().numpy()),
-            perturbation_norm=to_tensor(out.distance.detach().cpu().numpy()), attack=convert.attack_spec(out.config),
+            x_adv=to_tensor(out.x_adv.numpy()), clean_pred=to_tensor(out.clean_pred.numpy()),
+            adv_pred=to_tensor(out.adv_pred.numpy()), success=to_tensor(out.success.numpy()),
+            perturbation_norm=to_tensor(out.distance.numpy()), attack=convert.attack_spec(out.config),
             model_sha256=model.sha256,
-            queries=to_tensor(out.queries.cpu().numpy()) if out.queries is not None else None, endpoint_usage=usage)
+            queries=to_tensor(out.queries.numpy()) if out.queries is not None else None, endpoint_usage=usage)
 
     # ------------------------------------------------------------------ Evaluate
     @_guard()
@@ -818,7 +821,7 @@ class RobustnessServicer(rpc_grpc.RobustnessServicer):
             t0 = time.perf_counter()
             _, wrapper = self.registry.load_model(model.id)
             ctx.progress(0, 2, "steps", "export to ONNX")
-            graph = export_onnx(copy.deepcopy(wrapper).cpu(), tuple(model.spec.input_shape))
+            graph = export_onnx(wrapper, tuple(model.spec.input_shape))  # it exports a CPU copy
             spec = res.ModelSpec(name=request.name or f"{model.spec.name} (ONNX)", format=res.ONNX,
                                  architecture=model.spec.architecture, num_classes=model.spec.num_classes,
                                  input_shape=model.spec.input_shape, labels=model.spec.labels)
