@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from advex.engine.builders import BuildConfig, InversionConfig, build_all
 from advex.engine.data import load_builtin
 from advex.engine.models import ModelInfo, ModelWrapper, freeze
 from advex.engine.train import TrainConfig, train
+from pgd_vs_torchattacks import interleaved, spread, sync  # one timing method for both PGD benchmarks
 
 ROOT = Path(__file__).resolve().parent
 # dense bf16 tensor-core peaks (FLOP/s), by a name in torch.cuda.get_device_name()
@@ -48,11 +50,6 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device: torch.device, repeats: int = 1):
@@ -124,14 +121,20 @@ def pgd_rows(arch: str, model: ModelWrapper, x, y, args, device) -> list[dict]:
         peer = (torchattacks.PGD if norm == "Linf" else torchattacks.PGDL2)(peer_model, eps=eps, alpha=step,
                                                                              steps=args.steps, random_start=True)
         clean = predict(peer_model, x)
-        t_peer, x_peer = timed(lambda: peer(x, y), device, args.repeats)
-        t_ours, out = timed(lambda: attack(ours, x, y, cfg, clean_pred=clean), device, args.repeats)
+        # the CPU bench's timing: warm-ups, then interleaved rounds; the ratio is the median of the rounds'
+        times, _, outs = interleaved({"torchattacks": lambda: (peer(x, y), {}),
+                                      "advex": lambda: (attack(ours, x, y, cfg, clean_pred=clean), {})},
+                                     device, args.repeats)
+        t_peer, t_ours = statistics.median(times["torchattacks"]), statistics.median(times["advex"])
+        x_peer, out = outs["torchattacks"], outs["advex"]
+        ratios = spread([p / o for p, o in zip(times["torchattacks"], times["advex"])])
         peer_flops = args.steps * flops_step
         our_flops = args.steps * flops_step + flops_fwd  # K forward+backward and the last iterate's forward
         peer_robust = (clean == y) & (predict(peer_model, x_peer) == y)
         our_robust = (clean == y) & ~out.success
         row = {"bench": "pgd", "arch": arch, "norm": norm, "eps": eps, "steps": args.steps, "batch": len(y),
-               "torchattacks_img_s": len(y) / t_peer, "advex_img_s": len(y) / t_ours, "ratio": t_peer / t_ours,
+               "torchattacks_img_s": len(y) / t_peer, "advex_img_s": len(y) / t_ours, "ratio": ratios["median"],
+               "ratio_min": ratios["min"], "ratio_max": ratios["max"],
                "torchattacks_mfu": peer_flops / t_peer / peak if peak else None,
                "advex_mfu": our_flops / t_ours / peak if peak else None,
                "gflop_per_step": flops_step / 1e9,
@@ -228,7 +231,7 @@ def write(results: dict, tag: str) -> Path:
               "MFU torchattacks | MFU advex | robust acc torchattacks | robust acc advex | agreement |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arch']} | {r['norm']} | {r['batch']} | {r['steps']} | {r['torchattacks_img_s']:.0f} | "
-              f"{r['advex_img_s']:.0f} | {r['ratio']:.2f}x | {pct(r['torchattacks_mfu'])} | {pct(r['advex_mfu'])} | "
+              f"{r['advex_img_s']:.0f} | {r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] | {pct(r['torchattacks_mfu'])} | {pct(r['advex_mfu'])} | "
               f"{r['robust_acc_torchattacks']:.3f} | {r['robust_acc_advex']:.3f} | {r['verdict_agreement']:.3f} |"
               for r in rows if r["bench"] == "pgd"]
     lines += ["", "## AutoAttack (APGD-CE then APGD-T)", "", "| arch | n | steps | torchattacks s | advex s | ratio | "

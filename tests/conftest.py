@@ -81,6 +81,21 @@ def block_import(monkeypatch, package: str) -> None:
     monkeypatch.setattr(builtins, "__import__", guarded)
 
 
+DEVICE_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+
+
+def count_device_reads(patch, methods=DEVICE_READS) -> list[str]:
+    """Patch (a monkeypatch or its context) the tensor methods that read a value back from the
+    device; returns the list each call appends its method's name to."""
+    import torch
+
+    reads: list[str] = []
+    for method in methods:
+        real = getattr(torch.Tensor, method)
+        patch.setattr(torch.Tensor, method, lambda t, *a, _m=method, _real=real: reads.append(_m) or _real(t, *a))
+    return reads
+
+
 # ---------------------------------------------------------------- a two-class linear model with known margins
 LINEAR_DIM = 64     # inputs [1, 8, 8]
 LINEAR_MARGIN = 0.5  # |f(x)| of linear_points: the minimal perturbation is MARGIN / ||w||_dual

@@ -12,7 +12,7 @@ from advex.engine import optimize
 from advex.engine.attacks import AttackConfig, attack, predict
 from advex.engine.optimize import COMPACT_EVERY
 
-from conftest import ten_class_data
+from conftest import count_device_reads, ten_class_data
 
 
 class _CountBackward(torch.autograd.Function):
@@ -103,11 +103,8 @@ def test_a_pgd_step_reads_nothing_back_from_the_device(ten_class_model, monkeypa
     monkeypatch.setattr(optimize, "compaction_interval", lambda device: COMPACT_EVERY)
     x, y = ten_class_data(64, seed=11)
     for early_stop in (False, True):
-        reads = []
-        real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
         with monkeypatch.context() as patch:
-            patch.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or real_bool(t))
-            patch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
+            reads = count_device_reads(patch, ("__bool__", "item"))
             out = attack(ten_class_model, x, y, AttackConfig(norm="L2", eps=0.3, steps=12, seed=4),
                          clean_pred=torch.zeros_like(y), early_stop=early_stop)
         assert out.x_adv.shape == x.shape
@@ -242,11 +239,7 @@ def test_training_reads_its_running_sums_back_once_per_epoch(monkeypatch):
     data = ArrayDataset((x * 255).round().to(torch.uint8), y, 10, "image", [str(k) for k in range(10)])
     torch.manual_seed(0)
     model = ModelWrapper(zoo.build("mlp", (1, 8, 8), 10), ModelInfo("mlp", (1, 8, 8), 10))
-    reads = []
-    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name: reads.append(_name)
-                            or _real(t, *a))
+    reads = count_device_reads(monkeypatch, ("__bool__", "__float__", "__int__", "item", "tolist"))
     history = train(model, data, TrainConfig(epochs=2, batch_size=32, lr=0.1, schedule="constant"))
     monkeypatch.undo()
     assert len(history) == 2 and history[1].train_accuracy > 0.5  # 40 batches, learned

@@ -15,7 +15,7 @@ from advex.engine.attacks import APGD_TARGET_CLASSES, AttackConfig, attack
 from advex.engine.fab import fab
 from advex.engine.optimize import COMPACT_EVERY
 
-from conftest import ten_class_data
+from conftest import count_device_reads, ten_class_data
 from test_engine_passes import Counting
 
 N = 32
@@ -45,11 +45,7 @@ def no_predict(monkeypatch):
 @pytest.fixture
 def reads(monkeypatch):
     """Host-device reads (bool(), .item()) made while the attack runs."""
-    seen: list[str] = []
-    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: seen.append("bool") or real_bool(t))
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: seen.append("item") or real_item(t))
-    return seen
+    return count_device_reads(monkeypatch, ("__bool__", "item"))
 
 
 # ------------------------------------------------------------------ APGD
@@ -170,6 +166,22 @@ def test_square_on_a_gpu_schedule_keeps_each_points_prediction_between_compactio
     assert sum(b for b, _ in m.forwards) > int(out.queries.sum())  # the stragglers between compactions
     assert torch.equal(out.adv_pred, _argmax(ten_class_model, out.x_adv))
     assert torch.equal(out.success, out.adv_pred != y) and 0 < int(out.success.sum()) < len(y)
+
+
+def test_square_on_a_black_box_sends_no_finished_row_again_even_on_a_gpu_schedule(ten_class_model, monkeypatch):
+    """An ONNX graph or an endpoint bills every row it is sent: there finished rows leave at once,
+    whatever the device's compaction schedule, and the rows sent equal the queries reported."""
+    monkeypatch.setattr(square, "compaction_interval", lambda device: COMPACT_EVERY)
+
+    class BlackBox(Counting):
+        has_gradients = False
+
+    x, y = ten_class_data(48, seed=26)
+    m = BlackBox(ten_class_model)
+    out = attack(m, x, y, AttackConfig(norm="Linf", eps=0.15, method="square", steps=6 * COMPACT_EVERY + 1,
+                                       seed=7), clean_pred=y)
+    assert 0 < int(out.success.sum()) < len(y)
+    assert sum(b for b, _ in m.forwards) == int(out.queries.sum())
 
 
 # ------------------------------------------------------------------ FAB-T

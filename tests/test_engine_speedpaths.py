@@ -20,7 +20,7 @@ from advex.engine.objectives import CrossEntropyUntargeted
 from advex.engine.optimize import COMPACT_EVERY
 from advex.engine.threat import L2Ball, LinfBall, ThreatModel
 
-from conftest import ten_class_data
+from conftest import count_device_reads, ten_class_data
 
 
 def same_bits(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
@@ -205,12 +205,8 @@ def test_no_step_reads_back_from_the_device(norm, monkeypatch, one_thread):
     steps, restarts = 12, 1
     threat = (LinfBall if norm == "Linf" else L2Ball)(eps)  # (checking the radii reads them back)
     for early_stop in (False, True):
-        reads: list[str] = []
         with monkeypatch.context() as patch:
-            for method in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
-                real = getattr(torch.Tensor, method)
-                patch.setattr(torch.Tensor, method,
-                              lambda t, *a, _m=method, _real=real: reads.append(_m) or _real(t, *a))
+            reads = count_device_reads(patch)
             optimize.optimize(model, x, CrossEntropyUntargeted(y), threat, steps, eps / 4, random_start=True,
                               restarts=restarts, generator=torch.Generator().manual_seed(1), early_stop=early_stop)
         compactions = (steps // COMPACT_EVERY + 1) * (restarts + 1)
